@@ -1,0 +1,3 @@
+"""apex-zmq: Ape-X distributed prioritized experience replay over ZeroMQ."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,31 @@
+"""Atomic checkpoints: write to a temporary file in the same directory, then rename."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a half-written file at ``path`` (a crash keeps the old one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: str | Path) -> dict:
+    """Load a checkpoint (tensors and plain containers only: never unpickle arbitrary objects)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def last_path(run_dir: str | Path) -> Path:
+    """Where the learner keeps its latest checkpoint."""
+    return Path(run_dir) / "checkpoints" / "last.pt"

@@ -1,0 +1,35 @@
+"""``apex-zmq <command>``: one entry point for every program."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "run": ("apex_zmq.launch", "all roles on this machine, supervised (what ./run.sh runs)"),
+    "actor": ("apex_zmq.actor", "one actor process"),
+    "replay_server": ("apex_zmq.replay_server", "the replay server"),
+    "learner": ("apex_zmq.learner", "the learner"),
+    "evaluator": ("apex_zmq.evaluator", "the evaluator"),
+}
+ALIASES = {"replay": "replay_server", "replay-server": "replay_server"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a program's ``main``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: apex-zmq COMMAND [flags]\n\ncommands:")
+        for name, (_, what) in COMMANDS.items():
+            print(f"  {name:14s} {what}")
+        return 0 if argv else 2
+    name = ALIASES.get(argv[0], argv[0])
+    if name not in COMMANDS:
+        print(f"apex-zmq: unknown command {argv[0]!r}; expected one of {list(COMMANDS)}", file=sys.stderr)
+        return 2
+    result = importlib.import_module(COMMANDS[name][0]).main(argv[1:])
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Typed configuration, one dataclass per role, from CLI flags and an optional TOML (or JSON) file.
+
+Precedence, lowest first: field defaults, the preset of the chosen ``--env`` (see ``PRESETS``),
+the ``--config`` file, explicit flags. Each role saves what it ran with as JSON in the run directory.
+Every socket address lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_PORTS = {"experience": 5551, "samples": 5552, "priorities": 5553, "weights": 5554,
+                 "telemetry": 5555}
+
+
+def endpoint(host: str, port: int) -> str:
+    """A tcp endpoint string."""
+    return f"tcp://{host}:{port}"
+
+
+def loopback_endpoints(base_port: int) -> dict[str, str]:
+    """All five socket endpoints on loopback from ``base_port`` upwards (tests and ``--port-base``)."""
+    return {name: endpoint(LOOPBACK, base_port + i) for i, name in enumerate(DEFAULT_PORTS)}
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Common:
+    """Settings every role shares."""
+
+    env: str = _f("ALE/Pong-v5", "gymnasium id (CartPole-v1) or ALE id (ALE/Pong-v5)")
+    run_dir: str = _f("", "directory for config, logs, checkpoints and metrics (default: runs/<env>); "
+                          "running the same command again resumes the run in it")
+    seed: int = _f(0, "base random seed")
+    experience: str = _f(endpoint(LOOPBACK, DEFAULT_PORTS["experience"]),
+                         "actors -> replay experience endpoint (bound by the replay server)")
+    samples: str = _f(endpoint(LOOPBACK, DEFAULT_PORTS["samples"]),
+                      "replay -> learner sample batches endpoint (bound by the replay server)")
+    priorities: str = _f(endpoint(LOOPBACK, DEFAULT_PORTS["priorities"]),
+                         "learner -> replay priority updates endpoint (bound by the replay server)")
+    weights: str = _f(endpoint(LOOPBACK, DEFAULT_PORTS["weights"]),
+                      "learner -> actors/evaluator weights endpoint (bound by the learner)")
+    telemetry: str = _f(endpoint(LOOPBACK, DEFAULT_PORTS["telemetry"]),
+                        "every role -> evaluator telemetry endpoint (bound by the evaluator)")
+    insecure: bool = _f(False, "allow binding a non-loopback address without CURVE keys")
+    hidden: int = _f(512, "hidden units of the dueling head (and of the MLP torso)")
+    n_step: int = _f(3, "steps in the n-step return")
+    gamma: float = _f(0.99, "discount per agent step")
+    num_actors: int = _f(0, "actor processes in the whole run, sizing the epsilon ladder "
+                            "(0: ./run.sh starts cores - 2, at least 1; a lone actor counts 1)")
+    envs_per_actor: int = _f(32, "environments each actor process steps as one batch")
+    telemetry_period: float = _f(1.0, "seconds between telemetry reports")
+    torch_threads: int = _f(1, "intra-op threads for torch in this process")
+
+
+@dataclass
+class ActorConfig(Common):
+    """One actor process: K envs, batched inference, n-step transitions with initial priorities."""
+
+    actor_index: int = _f(0, "index of this actor process, 0..num_actors-1")
+    eps_base: float = _f(0.4, "epsilon ladder base (Ape-X: 0.4)")
+    eps_alpha: float = _f(7.0, "epsilon ladder exponent (Ape-X: 7)")
+    chunk_steps: int = _f(16, "vector-env steps per experience chunk (chunk = steps x envs transitions)")
+    env_threads: int = _f(1, "ale-py threads stepping this actor's envs")
+    max_actor_steps: int = _f(0, "stop after this many vector steps (0: run until stopped)")
+
+
+@dataclass
+class ReplayConfig(Common):
+    """The replay server: prioritized storage, sampling and priority updates."""
+
+    capacity: int = _f(2_000_000, "transitions kept (FIFO eviction)")
+    alpha: float = _f(0.6, "priority exponent")
+    beta: float = _f(0.4, "importance-sampling exponent")
+    beta_anneal: int = _f(0, "batches over which beta rises to 1 (0: constant)")
+    batch_size: int = _f(512, "transitions per sampled batch")
+    min_size: int = _f(50_000, "transitions stored before sampling starts")
+    prefetch: int = _f(4, "sampled batches queued towards the learner (send high-water mark)")
+
+
+@dataclass
+class LearnerConfig(Common):
+    """The learner: double DQN with a dueling network and prioritized n-step targets."""
+
+    optimizer: Literal["adam", "rmsprop"] = _f("adam", "optimizer")
+    lr: float = _f(0.00025 / 4, "learning rate")
+    target_update: int = _f(2500, "learner steps between target network syncs")
+    grad_clip: float = _f(40.0, "gradient norm clip")
+    weights_period: float = _f(2.0, "seconds between weight broadcasts")
+    checkpoint_period: float = _f(60.0, "seconds between checkpoints")
+    loader_threads: int = _f(2, "threads decoding and decompressing batches ahead of training")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "training device")
+    max_learner_steps: int = _f(0, "stop after this many learner steps (0: run until stopped)")
+
+
+@dataclass
+class EvaluatorConfig(Common):
+    """The evaluator: evaluation episodes with the latest weights, metrics, progress report."""
+
+    eval_episodes: int = _f(10, "episodes per evaluation (run side by side)")
+    eval_period: float = _f(30.0, "seconds between evaluations")
+    eval_epsilon: float = _f(0.001, "epsilon during evaluation")
+    stop_at_return: Optional[float] = _f(None, "stop the run when the mean evaluation return reaches this")
+    report_period: float = _f(5.0, "seconds between progress lines on the terminal")
+
+
+@dataclass
+class LaunchConfig(ActorConfig, ReplayConfig, LearnerConfig, EvaluatorConfig):
+    """``./run.sh``: all roles on this machine, supervised; takes every role's flags and passes them on."""
+
+    port_base: int = _f(0, "put all five endpoints on loopback ports from here (0: use the endpoints)")
+    max_restarts: int = _f(5, "restarts of one role in a row before the run is given up")
+    max_seconds: float = _f(0.0, "stop the whole run after this many seconds (0: no limit)")
+
+
+ROLE_CONFIGS: dict[str, type] = {"actor": ActorConfig, "replay_server": ReplayConfig,
+                                 "learner": LearnerConfig, "evaluator": EvaluatorConfig}
+
+# Presets by env: values that make each family train well out of the box.
+PRESETS: dict[str, dict[str, Any]] = {
+    "CartPole-v1": dict(
+        hidden=64, envs_per_actor=8, chunk_steps=8, capacity=50_000, batch_size=64, min_size=500,
+        lr=1e-3, target_update=250, weights_period=0.25, checkpoint_period=10.0, eval_period=2.0,
+        eval_episodes=10, eval_epsilon=0.0, report_period=2.0, prefetch=8, loader_threads=1,
+        eps_base=0.4, eps_alpha=7.0, n_step=3, gamma=0.99),
+    "atari": dict(hidden=512, envs_per_actor=32, chunk_steps=16, capacity=2_000_000,
+                  batch_size=512, min_size=50_000, lr=0.00025 / 4, target_update=2500),
+}
+
+
+def preset_for(env: str) -> dict[str, Any]:
+    """The preset of ``env`` (ALE ids share the ``atari`` preset)."""
+    if env.startswith("ALE/"):
+        return PRESETS["atari"]
+    return PRESETS.get(env, {})
+
+
+def resolve(cfg: Any) -> Any:
+    """Fill the settings whose default depends on others: run_dir from env, num_actors from cores."""
+    if not cfg.run_dir:
+        cfg.run_dir = str(Path("runs") / cfg.env.replace("/", "-"))
+    if cfg.num_actors == 0:
+        cfg.num_actors = max(1, (os.cpu_count() or 1) - 2) if isinstance(cfg, LaunchConfig) else 1
+    return cfg
+
+
+def all_fields() -> dict[str, dataclasses.Field]:
+    """Every field of every config class, by name (shared names have one meaning)."""
+    out: dict[str, dataclasses.Field] = {}
+    for cls in (*ROLE_CONFIGS.values(), LaunchConfig):
+        for f in dataclasses.fields(cls):
+            out.setdefault(f.name, f)
+    return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _converter(f: dataclasses.Field, hints: dict[str, Any]) -> tuple[Any, tuple | None]:
+    tp = hints[f.name]
+    if typing.get_origin(tp) is Literal:
+        return str, typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return (lambda s, inner=inner: None if s.lower() in ("", "none") else inner(s)), None
+    return tp, None
+
+
+def _parser(cls: type, prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip(),
+                                argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="TOML or JSON file of settings (flags override it)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if hints[f.name] is bool:
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            conv, choices = _converter(f, hints)
+            p.add_argument(_flag(f.name), type=conv, choices=choices, help=help_text,
+                           metavar=None if choices else f.name.upper())
+    return p
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Settings from a TOML or JSON file; TOML tables named after a role are merged by the caller."""
+    text = Path(path).read_bytes()
+    try:
+        return json.loads(text) if path.endswith(".json") else tomllib.loads(text.decode())
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise SystemExit(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'TOML'}: {e}")
+
+
+def _from_file(cls: type, data: dict[str, Any], role: str, path: str) -> dict[str, Any]:
+    known = all_fields()
+    own = {f.name for f in dataclasses.fields(cls)}
+    flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    flat.update(data.get(role, {}) if isinstance(data.get(role), dict) else {})
+    for k in flat:
+        if k not in known:
+            raise SystemExit(f"--config {path}: unknown setting {k!r}")
+    return {k: v for k, v in flat.items() if k in own}
+
+
+def _check_value(cls: type, name: str, value: Any) -> Any:
+    hints = typing.get_type_hints(cls)
+    tp = hints[name]
+    if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+        raise SystemExit(f"{_flag(name)}: {value!r} is not one of {list(typing.get_args(tp))}")
+    return value
+
+
+def parse(cls: type, argv: list[str] | None, role: str, prog: str | None = None) -> Any:
+    """Build ``cls`` from flags, the ``--config`` file and the env preset; bad input exits naming the flag."""
+    args = vars(_parser(cls, prog or f"apex-zmq {role}").parse_args(argv))
+    path = args.pop("config", None)
+    file_values = _from_file(cls, load_file(path), role, path) if path else {}
+    env = args.get("env", file_values.get("env", Common.env))
+    own = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in preset_for(env).items() if k in own}
+    values.update(file_values)
+    values.update(args)
+    for k, v in values.items():
+        _check_value(cls, k, v)
+    cfg = resolve(cls(**values))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Cross-field checks with messages that name the flag."""
+    def need(cond: bool, flag: str, what: str) -> None:
+        if not cond:
+            raise SystemExit(f"{_flag(flag)}: {what}")
+    need(cfg.num_actors >= 0, "num_actors", f"must be >= 0, got {cfg.num_actors}")
+    need(cfg.envs_per_actor >= 1, "envs_per_actor", f"must be >= 1, got {cfg.envs_per_actor}")
+    need(cfg.n_step >= 1, "n_step", f"must be >= 1, got {cfg.n_step}")
+    need(0 < cfg.gamma <= 1, "gamma", f"must be in (0, 1], got {cfg.gamma}")
+    if isinstance(cfg, ActorConfig):
+        need(0 <= cfg.actor_index < cfg.num_actors, "actor_index",
+             f"must be in [0, {cfg.num_actors}), got {cfg.actor_index}")
+        need(cfg.chunk_steps >= 1, "chunk_steps", f"must be >= 1, got {cfg.chunk_steps}")
+    if isinstance(cfg, ReplayConfig):
+        need(cfg.capacity >= cfg.batch_size, "capacity", "must be at least --batch-size")
+        need(0 < cfg.min_size <= cfg.capacity, "min_size", "must be in (0, --capacity]")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict of a config (for JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def save(cfg: Any, run_dir: str, name: str) -> Path:
+    """Write ``cfg`` as JSON into ``run_dir`` (atomically)."""
+    path = Path(run_dir) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def role_config(cls: type, values: dict[str, Any]) -> Any:
+    """Build a role's config from a dict of (possibly more) settings."""
+    own = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in own})

@@ -1,0 +1,98 @@
+"""The learning rule as a pure core: double DQN with n-step targets and an IS-weighted Huber loss."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .wire import SampleBatch, WireError, decompress_frames
+
+
+@dataclass
+class Batch:
+    """A training batch as tensors on the training device."""
+
+    obs: torch.Tensor
+    action: torch.Tensor
+    ret: torch.Tensor
+    disc: torch.Tensor
+    next_obs: torch.Tensor
+    weight: torch.Tensor
+    ids: np.ndarray
+
+
+def batch_from_sample(s: SampleBatch, num_actions: int, device: torch.device,
+                      pin: bool = False) -> Batch:
+    """Decompress a sample's frame table and build tensors; WireError if the sample is inconsistent."""
+    if len(s.action) and int(s.action.max()) >= num_actions:
+        raise WireError(f"action {int(s.action.max())} outside [0, {num_actions})")
+    frames = torch.from_numpy(decompress_frames(s.frame_data, s.frame_offsets, s.obs_shape, s.obs_dtype))
+    obs_idx = torch.from_numpy(s.obs_idx.astype(np.int64))
+    next_idx = torch.from_numpy(s.next_idx.astype(np.int64))
+    tensors = dict(obs=frames[obs_idx], next_obs=frames[next_idx],
+                   action=torch.from_numpy(s.action.astype(np.int64)),
+                   ret=torch.from_numpy(s.ret.copy()), disc=torch.from_numpy(s.disc.copy()),
+                   weight=torch.from_numpy(s.weight.copy()))
+    if pin:
+        tensors = {k: v.pin_memory() for k, v in tensors.items()}
+    tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+    return Batch(ids=np.array(s.ids), **tensors)
+
+
+def double_dqn_td(online: nn.Module, target: nn.Module, b: Batch) -> torch.Tensor:
+    """TD errors y - Q(s, a) with y = R + disc * Q_target(s', argmax_a Q_online(s', a))."""
+    q = online(b.obs).gather(1, b.action[:, None]).squeeze(1)
+    with torch.no_grad():
+        best = online(b.next_obs).argmax(dim=1, keepdim=True)
+        y = b.ret + b.disc * target(b.next_obs).gather(1, best).squeeze(1)
+    return y - q
+
+
+class DQNLearner:
+    """Owns the online and target networks and the optimizer; ``step`` trains on one batch."""
+
+    def __init__(self, net: nn.Module, optimizer: str, lr: float, target_update: int,
+                 grad_clip: float) -> None:
+        self.net = net
+        self.target = copy.deepcopy(net).requires_grad_(False)
+        if optimizer == "adam":
+            self.opt = torch.optim.Adam(net.parameters(), lr=lr, eps=1.5e-4)
+        elif optimizer == "rmsprop":
+            self.opt = torch.optim.RMSprop(net.parameters(), lr=lr, alpha=0.95, eps=1.5e-7, centered=True)
+        else:
+            raise ValueError(f"optimizer must be 'adam' or 'rmsprop', got {optimizer!r}")
+        self.target_update = target_update
+        self.grad_clip = grad_clip
+        self.steps = 0
+
+    def step(self, b: Batch) -> tuple[np.ndarray, float]:
+        """One gradient step; returns (new priorities |TD| per item, loss)."""
+        td = double_dqn_td(self.net, self.target, b)
+        loss = (b.weight * F.smooth_l1_loss(td, torch.zeros_like(td), reduction="none")).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+        self.opt.step()
+        self.steps += 1
+        if self.steps % self.target_update == 0:
+            self.target.load_state_dict(self.net.state_dict())
+        return td.detach().abs().float().cpu().numpy(), float(loss.detach())
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: networks, optimizer, counters, RNG."""
+        return {"net": self.net.state_dict(), "target": self.target.state_dict(),
+                "opt": self.opt.state_dict(), "steps": self.steps,
+                "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict``."""
+        self.net.load_state_dict(state["net"])
+        self.target.load_state_dict(state["target"])
+        self.opt.load_state_dict(state["opt"])
+        self.steps = int(state["steps"])
+        torch.set_rng_state(state["torch_rng"])

@@ -1,0 +1,34 @@
+"""Exploration maths: the Ape-X epsilon ladder and batched epsilon-greedy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def epsilon_ladder(i: int, n: int, base: float = 0.4, alpha: float = 7.0) -> float:
+    """Epsilon of env slot ``i`` out of ``n`` slots in the run (Horgan et al. 2018, eq. 1).
+
+    eps_i = base ** (1 + alpha * i / (n - 1)); a run with one slot uses ``base``.
+    """
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"expected 0 <= i < n with n >= 1, got i={i}, n={n}")
+    if n == 1:
+        return base
+    return base ** (1.0 + alpha * i / (n - 1))
+
+
+def actor_epsilons(actor_index: int, envs_per_actor: int, num_actors: int,
+                   base: float = 0.4, alpha: float = 7.0) -> np.ndarray:
+    """Epsilons of one actor's env slots: slot ``actor_index * envs_per_actor + k`` of the run's ladder."""
+    n = num_actors * envs_per_actor
+    first = actor_index * envs_per_actor
+    return np.array([epsilon_ladder(first + k, n, base, alpha) for k in range(envs_per_actor)],
+                    dtype=np.float64)
+
+
+def epsilon_greedy(q: np.ndarray, eps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per-row epsilon-greedy actions from Q values ``q`` [K, A] and epsilons ``eps`` [K]."""
+    greedy = q.argmax(axis=1)
+    random = rng.integers(0, q.shape[1], size=q.shape[0])
+    explore = rng.random(q.shape[0]) < eps
+    return np.where(explore, random, greedy).astype(np.int64)

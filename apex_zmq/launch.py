@@ -1,0 +1,174 @@
+"""``./run.sh``: start every role on this machine, supervise them, stop them all cleanly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from . import config as C
+
+ROLE_MODULES = {"replay_server": "apex_zmq.replay_server", "learner": "apex_zmq.learner",
+                "actor": "apex_zmq.actor", "evaluator": "apex_zmq.evaluator"}
+
+
+@dataclass
+class Role:
+    """One supervised process."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    echo: bool = False
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    restarts: int = 0            # restarts in a row (reset once the role has run a while)
+    total_restarts: int = 0
+    next_start: float = 0.0
+    pump: threading.Thread | None = field(default=None, repr=False)
+
+
+def _pump(stream: IO[bytes], log: Path, echo: bool) -> None:
+    # Role output goes to its log file; the evaluator's progress lines also reach the terminal.
+    with open(log, "ab") as f:
+        for line in iter(stream.readline, b""):
+            f.write(line)
+            f.flush()
+            if echo:
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+
+
+class Supervisor:
+    """Starts roles, restarts a crashed one with exponential backoff, stops all on request."""
+
+    HEALTHY_AFTER_S = 60.0
+
+    def __init__(self, roles: list[Role], max_restarts: int) -> None:
+        self.roles = roles
+        self.max_restarts = max_restarts
+        self.stopping = threading.Event()
+
+    def start(self, role: Role) -> None:
+        """Start (or restart) one role."""
+        role.log.parent.mkdir(parents=True, exist_ok=True)
+        role.proc = subprocess.Popen(role.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        role.started = time.monotonic()
+        role.pump = threading.Thread(target=_pump, args=(role.proc.stdout, role.log, role.echo), daemon=True)
+        role.pump.start()
+
+    def poll(self) -> str | None:
+        """Check every role once; returns 'finished', 'failed' or None (still running)."""
+        now = time.monotonic()
+        for role in self.roles:
+            if role.proc is None:
+                if now >= role.next_start:
+                    self.start(role)
+                continue
+            code = role.proc.poll()
+            if code is None:
+                if now - role.started > self.HEALTHY_AFTER_S:
+                    role.restarts = 0
+                continue
+            if role.name == "evaluator" and code == 0:
+                return "finished"
+            if role.restarts >= self.max_restarts:
+                print(f"run.sh: {role.name} exited with code {code} {role.restarts + 1} times in a row; "
+                      f"giving up (see {role.log})", flush=True)
+                return "failed"
+            delay = min(30.0, 2.0 ** role.restarts)
+            print(f"run.sh: {role.name} exited with code {code}; restarting in {delay:.0f}s "
+                  f"(see {role.log})", flush=True)
+            role.restarts += 1
+            role.total_restarts += 1
+            role.proc = None
+            role.next_start = now + delay
+        return None
+
+    def stop_all(self, timeout: float = 15.0) -> None:
+        """SIGTERM every role, then SIGKILL what is still alive after ``timeout``."""
+        live = [r.proc for r in self.roles if r.proc is not None and r.proc.poll() is None]
+        for p in live:
+            p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in live:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for r in self.roles:
+            if r.pump is not None:
+                r.pump.join(timeout=2)
+
+
+def build_roles(cfg: C.LaunchConfig, config_path: Path) -> list[Role]:
+    """The processes of a one-machine run, each reading the saved run config."""
+    logs = Path(cfg.run_dir) / "logs"
+    base = ["--config", str(config_path)]
+
+    def argv(role: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", ROLE_MODULES[role], *base, *extra]
+
+    roles = [Role("evaluator", argv("evaluator"), logs / "evaluator.log", echo=True),
+             Role("replay_server", argv("replay_server"), logs / "replay_server.log"),
+             Role("learner", argv("learner"), logs / "learner.log")]
+    roles += [Role(f"actor-{i}", argv("actor", "--actor-index", str(i)), logs / f"actor-{i}.log")
+              for i in range(cfg.num_actors)]
+    return roles
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every role of one training run on this machine until done, failed or interrupted."""
+    cfg = C.parse(C.LaunchConfig, argv, "run", prog="./run.sh")
+    if cfg.port_base:
+        for name, ep in C.loopback_endpoints(cfg.port_base).items():
+            setattr(cfg, name, ep)
+    for role_cls in C.ROLE_CONFIGS.values():  # every role's own checks, before anything starts
+        C.validate(C.role_config(role_cls, dataclasses.asdict(cfg)))
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "finished.json").unlink(missing_ok=True)
+    config_path = C.save(cfg, cfg.run_dir, "config")
+    roles = build_roles(cfg, config_path)
+    sup = Supervisor(roles, cfg.max_restarts)
+    resume = (run_dir / "checkpoints" / "last.pt").exists()
+    print(f"run.sh: {cfg.env} with {cfg.num_actors} actor process(es) x {cfg.envs_per_actor} envs"
+          f"{' (resuming)' if resume else ''}\n"
+          f"run.sh: run directory {run_dir.resolve()}\n"
+          f"run.sh: role logs in {run_dir.resolve() / 'logs'}; metrics in metrics.csv, eval.csv; "
+          f"TensorBoard: tensorboard --logdir {run_dir.resolve() / 'tb'}\n"
+          f"run.sh: Ctrl-C stops every role", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    started = time.monotonic()
+    outcome = "interrupted"
+    try:
+        while not stop.wait(0.5):
+            result = sup.poll()
+            if result is not None:
+                outcome = result
+                break
+            if cfg.max_seconds and time.monotonic() - started > cfg.max_seconds:
+                outcome = "time limit"
+                break
+    finally:
+        sup.stop_all()
+    restarts = {r.name: r.total_restarts for r in roles if r.total_restarts}
+    print(f"run.sh: stopped ({outcome}) after {time.monotonic() - started:.0f}s"
+          + (f"; restarts: {json.dumps(restarts)}" if restarts else ""), flush=True)
+    return 1 if outcome == "failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,159 @@
+"""The learner program: prefetching loader threads, double DQN steps, priorities and weights out."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sys
+import time
+
+import torch
+import zmq
+
+from . import checkpoint
+from . import config as C
+from .dqn import DQNLearner, batch_from_sample
+from .envs import env_spec
+from .networks import build_network, state_arrays
+from .transport import Sockets, call_in_loop, get_until, install_stop, put_until, run_role
+from .wire import PriorityUpdate, Telemetry, Weights, WireError, decode_sample, encode
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` means CUDA when there is one."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return torch.device(name)
+
+
+class LearnerCore:
+    """Training state without sockets: learner, resume, checkpoints, weight snapshots, timings."""
+
+    def __init__(self, cfg: C.LearnerConfig) -> None:
+        self.cfg = cfg
+        self.spec = env_spec(cfg.env)
+        self.device = pick_device(cfg.device)
+        net = build_network(self.spec, cfg.hidden).to(self.device)
+        self.learner = DQNLearner(net, cfg.optimizer, cfg.lr, cfg.target_update, cfg.grad_clip)
+        self.ckpt_path = checkpoint.last_path(cfg.run_dir)
+        self.resumed_from = -1
+        if self.ckpt_path.exists():
+            self.learner.load_state_dict(checkpoint.load(self.ckpt_path))
+            self.resumed_from = self.learner.steps
+        self.loss = float("nan")
+        self.wait_s = 0.0   # time the training loop waited for a batch (after the first)
+        self.train_s = 0.0  # time spent in training steps
+
+    def weights(self, seq: int) -> list:
+        """The current network as an encoded weights message."""
+        names, arrays = state_arrays(self.learner.net)
+        return encode(Weights(sender="learner", seq=seq, version=self.learner.steps, names=names,
+                              arrays=arrays))
+
+    def save(self) -> None:
+        """Write ``last.pt`` atomically."""
+        state = self.learner.state_dict()
+        state["env"] = self.cfg.env
+        state["hidden"] = self.cfg.hidden
+        checkpoint.save_atomic(state, self.ckpt_path)
+
+
+async def main_async(cfg: C.LearnerConfig) -> None:
+    """Wire the learner core to its sockets and train until stopped."""
+    torch.set_num_threads(cfg.torch_threads)
+    core = LearnerCore(cfg)
+    if core.resumed_from >= 0:
+        print(f"learner: resumed from {core.ckpt_path} at step {core.resumed_from}", flush=True)
+    socks = Sockets(cfg.insecure)
+    samples = socks.connect(zmq.PULL, cfg.samples, hwm=2)
+    prios = socks.connect(zmq.PUSH, cfg.priorities, hwm=64)
+    weights = socks.bind(zmq.PUB, cfg.weights, hwm=4)
+    tel = socks.connect(zmq.PUB, cfg.telemetry)
+    stop = asyncio.Event()
+    install_stop(stop)
+    loop = asyncio.get_running_loop()
+    raw_q: queue.Queue = queue.Queue(maxsize=2)
+    batch_q: queue.Queue = queue.Queue(maxsize=2)
+    counts = {"rejected": 0}
+    latest = {"frames": core.weights(0)}
+
+    async def receive() -> None:
+        while True:
+            frames = await samples.recv_multipart(copy=False)
+            await asyncio.to_thread(put_until, raw_q, frames, stop)
+
+    def loader() -> None:
+        # Decode and decompress ahead of the training step; lz4 and torch release the GIL.
+        while (frames := get_until(raw_q, stop)) is not None:
+            try:
+                b = batch_from_sample(decode_sample(frames), core.spec.num_actions, core.device,
+                                      pin=core.device.type == "cuda")
+            except WireError:
+                counts["rejected"] += 1
+                continue
+            put_until(batch_q, b, stop)
+
+    def trainer() -> None:
+        learner = core.learner
+        last_weights = last_ckpt = time.monotonic()
+        while not stop.is_set() and (cfg.max_learner_steps == 0 or learner.steps < cfg.max_learner_steps):
+            t0 = time.perf_counter()
+            b = get_until(batch_q, stop)
+            if b is None:
+                break
+            t1 = time.perf_counter()
+            if learner.steps > max(core.resumed_from, 0):  # waiting for the very first batch is start-up
+                core.wait_s += t1 - t0
+            new_prios, core.loss = learner.step(b)
+            core.train_s += time.perf_counter() - t1
+            msg = encode(PriorityUpdate(sender="learner", seq=learner.steps, ids=b.ids, priority=new_prios))
+            call_in_loop(loop, lambda: prios.send_multipart(msg, copy=False), stop)
+            now = time.monotonic()
+            if now - last_weights >= cfg.weights_period:
+                latest["frames"] = core.weights(learner.steps)
+                last_weights = now
+            if now - last_ckpt >= cfg.checkpoint_period:
+                core.save()
+                last_ckpt = now
+        core.save()
+
+    async def publish() -> None:
+        # Republished every period, so an actor that joins late gets weights within one period.
+        while True:
+            await weights.send_multipart(latest["frames"], copy=False)
+            await asyncio.sleep(cfg.weights_period)
+
+    async def report() -> None:
+        last, last_steps, last_wait, last_train = time.monotonic(), core.learner.steps, 0.0, 0.0
+        while True:
+            await asyncio.sleep(cfg.telemetry_period)
+            now = time.monotonic()
+            steps = core.learner.steps
+            busy = (core.wait_s - last_wait) + (core.train_s - last_train)
+            metrics = {"learner/steps": steps, "learner/steps_per_s": (steps - last_steps) / (now - last),
+                       "learner/rejected": counts["rejected"],
+                       "perf/learner_wait_fraction": (core.wait_s - last_wait) / busy if busy > 0 else 0.0}
+            if core.loss == core.loss:  # not NaN
+                metrics["learner/loss"] = core.loss
+            last, last_steps, last_wait, last_train = now, steps, core.wait_s, core.train_s
+            await tel.send_multipart(encode(Telemetry(sender="learner", seq=steps, role="learner",
+                                                      time=time.time(), metrics=metrics)))
+
+    try:
+        await run_role(stop, [receive(), publish(), report()],
+                       [trainer] + [loader] * cfg.loader_threads)
+    finally:
+        socks.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``apex-zmq learner``: run the learner."""
+    cfg = C.parse(C.LearnerConfig, argv, "learner")
+    C.save(cfg, cfg.run_dir, "config_learner")
+    asyncio.run(main_async(cfg))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

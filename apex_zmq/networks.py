@@ -1,0 +1,71 @@
+"""Dueling Q networks: an MLP for vector observations, the Nature CNN for Atari."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .envs import EnvSpec
+
+
+class Dueling(nn.Module):
+    """Q(s, a) = V(s) + A(s, a) - mean_a A(s, a) on top of a feature torso."""
+
+    def __init__(self, torso: nn.Module, features: int, hidden: int, num_actions: int) -> None:
+        super().__init__()
+        self.torso = torso
+        self.value = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.advantage = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(),
+                                       nn.Linear(hidden, num_actions))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        h = self.torso(obs)
+        a = self.advantage(h)
+        return self.value(h) + a - a.mean(dim=1, keepdim=True)
+
+
+class NatureTorso(nn.Module):
+    """Mnih et al. 2015 convolutions over uint8 [B, 4, 84, 84] frames (scaled to [0, 1] here)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs.float() / 255.0)
+
+
+def build_network(spec: EnvSpec, hidden: int) -> Dueling:
+    """The dueling network for ``spec``: Nature CNN for image stacks, else a 2-layer MLP."""
+    if len(spec.obs_shape) == 3:
+        torso = NatureTorso(spec.obs_shape[0])
+        with torch.no_grad():
+            features = torso(torch.zeros(1, *spec.obs_shape, dtype=torch.uint8)).shape[1]
+        return Dueling(torso, features, hidden, spec.num_actions)
+    obs_dim = int(np.prod(spec.obs_shape))
+    torso = nn.Sequential(nn.Flatten(), nn.Linear(obs_dim, hidden), nn.ReLU())
+    return Dueling(torso, hidden, hidden, spec.num_actions)
+
+
+def state_arrays(net: nn.Module) -> tuple[list[str], list[np.ndarray]]:
+    """Parameter and buffer names with CPU numpy copies, for the weights message."""
+    names, arrays = [], []
+    for name, t in net.state_dict().items():
+        names.append(name)
+        arrays.append(t.detach().to("cpu", copy=True).contiguous().numpy())
+    return names, arrays
+
+
+def load_arrays(net: nn.Module, names: list[str], arrays: list[np.ndarray]) -> None:
+    """Load a weights message into ``net``; ValueError if names or shapes differ from the net's."""
+    own = net.state_dict()
+    if list(own) != list(names):
+        raise ValueError(f"weights have parameters {names[:4]}..., the network expects {list(own)[:4]}...")
+    for (name, t), a in zip(own.items(), arrays):
+        if tuple(t.shape) != tuple(a.shape):
+            raise ValueError(f"{name}: weights shape {a.shape}, network expects {tuple(t.shape)}")
+    net.load_state_dict({n: torch.from_numpy(np.array(a)) for n, a in zip(names, arrays)})

@@ -1,0 +1,142 @@
+"""n-step return maths over a segment of steps from K environments with next-step autoreset.
+
+Both gymnasium vector envs and ale-py's AtariVectorEnv use *next-step* autoreset: the step that
+ends an episode returns the final observation, and the following step ignores its action and
+returns the first observation of the next episode with reward 0. Such a reset step is marked
+``valid=False``: it starts no transition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class NStepTargets:
+    """n-step targets for each step (t, k) of a segment."""
+
+    ret: np.ndarray    # [T, K] float32: sum_{i<m} gamma^i r_{t+i}, m = steps until bootstrap or end
+    disc: np.ndarray   # [T, K] float32: gamma^m for bootstrapping, 0 after a termination
+    boot: np.ndarray   # [T, K] int64: observation index (0..T) to bootstrap from
+    done: np.ndarray   # [T, K] bool: the target is complete (known from this segment alone)
+
+
+def nstep_targets(rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+                  valid: np.ndarray, gamma: float, n: int) -> NStepTargets:
+    """n-step targets over a segment of T steps from K envs.
+
+    Observation index t is the observation at which step t's action was taken; step t leads to
+    observation t+1. A transition that reaches an episode end after m <= n steps stops there: a
+    termination gives discount 0, a truncation bootstraps from the final observation with gamma^m.
+    Every valid step t <= T - n is complete; later steps may still be waiting for rewards.
+    """
+    T, K = rewards.shape
+    t = np.arange(T)[:, None]
+    ret = np.zeros((T, K), dtype=np.float64)
+    disc = np.zeros((T, K), dtype=np.float64)
+    boot = np.broadcast_to(t, (T, K)).copy()
+    alive = valid.astype(bool).copy()
+    done = ~alive  # invalid steps have nothing to wait for
+    for i in range(n):
+        idx = t + i
+        in_range = np.broadcast_to(idx < T, (T, K))
+        safe = np.minimum(idx, T - 1)
+        active = alive & in_range
+        r = np.take_along_axis(rewards, np.broadcast_to(safe, (T, K)), axis=0)
+        ret += np.where(active, gamma ** i * r, 0.0)
+        term = np.take_along_axis(terminated, np.broadcast_to(safe, (T, K)), axis=0) & active
+        trunc = np.take_along_axis(truncated, np.broadcast_to(safe, (T, K)), axis=0) & active & ~term
+        ended = term | trunc
+        boot[ended] = np.broadcast_to(idx + 1, (T, K))[ended]
+        disc[trunc] = gamma ** (i + 1)
+        done |= ended
+        alive &= ~ended
+        if i == n - 1:
+            reached = alive & np.broadcast_to(idx + 1 <= T, (T, K))
+            boot[reached] = np.broadcast_to(idx + 1, (T, K))[reached]
+            disc[reached] = gamma ** n
+            done |= reached
+    return NStepTargets(ret.astype(np.float32), disc.astype(np.float32), boot, done)
+
+
+def initial_priorities(q: np.ndarray, actions: np.ndarray, targets: NStepTargets,
+                       steps: np.ndarray, envs: np.ndarray) -> np.ndarray:
+    """|TD| of transitions (steps[j], envs[j]) from the actor's own Q values.
+
+    ``q`` is [T+1, K, A]: Q of every observation of the segment under the actor's network.
+    TD = ret + disc * max_a Q(boot, a) - Q(obs, action).
+    """
+    q_sa = q[steps, envs, actions[steps, envs]]
+    q_boot = q[targets.boot[steps, envs], envs].max(axis=1)
+    td = targets.ret[steps, envs] + targets.disc[steps, envs] * q_boot - q_sa
+    return np.abs(td).astype(np.float32)
+
+
+class SegmentBuffer:
+    """Collects the steps of K envs and turns every ``steps`` of them into one experience chunk.
+
+    A segment holds L = steps + n - 1 steps and L + 1 observations. Rows 0..steps-1 are complete
+    once the segment is full and are emitted; the last n - 1 steps (and n observations) are carried
+    into the next segment, where they become complete. Observations are lz4-compressed as they
+    arrive; every observation of the segment goes into the chunk's frame table once.
+    """
+
+    def __init__(self, num_envs: int, steps: int, n: int, gamma: float, num_actions: int) -> None:
+        self.K, self.steps, self.n, self.gamma = num_envs, steps, n, gamma
+        self.L = steps + n - 1
+        L, K = self.L, num_envs
+        self.q = np.zeros((L + 1, K, num_actions), dtype=np.float32)
+        self.actions = np.zeros((L, K), dtype=np.int64)
+        self.rewards = np.zeros((L, K), dtype=np.float32)
+        self.terminated = np.zeros((L, K), dtype=bool)
+        self.truncated = np.zeros((L, K), dtype=bool)
+        self.valid = np.zeros((L, K), dtype=bool)
+        self.blobs: list[list[bytes]] = []
+        self.num_steps = 0
+
+    @property
+    def full(self) -> bool:
+        """All L steps and L + 1 observations are in."""
+        return len(self.blobs) == self.L + 1
+
+    def add_obs(self, blobs: list[bytes], q: np.ndarray) -> None:
+        """The next observation of every env (compressed) and its Q values [K, A]."""
+        if len(self.blobs) != self.num_steps:
+            raise RuntimeError("add_obs and add_step must alternate, starting with add_obs")
+        self.q[len(self.blobs)] = q
+        self.blobs.append(blobs)
+
+    def add_step(self, actions: np.ndarray, rewards: np.ndarray, terminated: np.ndarray,
+                 truncated: np.ndarray, valid: np.ndarray) -> None:
+        """The step taken at the latest observation."""
+        t = self.num_steps
+        if t >= self.L or len(self.blobs) != t + 1:
+            raise RuntimeError("add_step needs a fresh observation and a segment that is not full")
+        self.actions[t], self.rewards[t] = actions, rewards
+        self.terminated[t], self.truncated[t], self.valid[t] = terminated, truncated, valid
+        self.num_steps += 1
+
+    def emit(self) -> dict[str, np.ndarray | list[bytes]]:
+        """Transitions of the complete rows as chunk fields; carries the tail into the next segment."""
+        if not self.full:
+            raise RuntimeError("segment is not full")
+        K, E = self.K, self.steps
+        tg = nstep_targets(self.rewards, self.terminated, self.truncated, self.valid, self.gamma, self.n)
+        rows, envs = np.nonzero(tg.done[:E] & self.valid[:E])
+        out = dict(
+            blobs=[b for per_env in self.blobs for b in per_env],
+            obs_idx=(rows * K + envs).astype(np.int32),
+            next_idx=(tg.boot[rows, envs] * K + envs).astype(np.int32),
+            action=self.actions[rows, envs].astype(np.int32),
+            ret=tg.ret[rows, envs], disc=tg.disc[rows, envs],
+            priority=initial_priorities(self.q, self.actions, tg, rows, envs))
+        # Carry the last n - 1 steps and n observations.
+        keep = self.L - E
+        for a in (self.actions, self.rewards, self.terminated, self.truncated, self.valid):
+            a[:keep] = a[E:]
+        self.q[:keep + 1] = self.q[E:]
+        self.blobs = self.blobs[E:]
+        self.num_steps = keep
+        return out

@@ -1,0 +1,155 @@
+"""Prioritized replay keyed by ever-increasing item ids, with compressed observations stored once."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .sumtree import SumTree
+from .wire import ExperienceChunk, SampleBatch
+
+
+def importance_weights(priorities: np.ndarray, total: float, size: int, beta: float) -> np.ndarray:
+    """IS weights (size * P(i)) ** -beta with P(i) = p_i / total, normalised by the batch maximum."""
+    probs = priorities / total
+    w = (size * probs) ** (-beta)
+    return (w / w.max()).astype(np.float32)
+
+
+def annealed_beta(beta0: float, step: int, anneal_steps: int) -> float:
+    """beta rising linearly from beta0 to 1 over ``anneal_steps`` sampled batches (0: constant)."""
+    if anneal_steps <= 0:
+        return beta0
+    return beta0 + (1.0 - beta0) * min(1.0, step / anneal_steps)
+
+
+class PrioritizedReplay:
+    """Proportional prioritized replay (Schaul et al. 2016) for Ape-X.
+
+    Item ``id`` lives in slot ``id % capacity``; ids only grow, so inserting evicts the oldest item
+    (FIFO) and an update for an id whose slot now holds a newer item is recognised and ignored.
+    Observations are kept as the actor's lz4 blobs, once per chunk: a transition refers to its
+    observation and bootstrap observation by index into its chunk's frame table. A chunk's bytes
+    are freed when its last transition is evicted.
+    """
+
+    def __init__(self, capacity: int, alpha: float = 0.6, priority_eps: float = 1e-6,
+                 seed: int = 0) -> None:
+        self.capacity = capacity
+        self.alpha = alpha
+        self.priority_eps = priority_eps
+        self.tree = SumTree(capacity)
+        self.rng = np.random.default_rng(seed)
+        self.ids = np.full(capacity, -1, dtype=np.int64)
+        self.chunk = np.full(capacity, -1, dtype=np.int64)
+        self.obs_idx = np.zeros(capacity, dtype=np.int32)
+        self.next_idx = np.zeros(capacity, dtype=np.int32)
+        self.action = np.zeros(capacity, dtype=np.int32)
+        self.ret = np.zeros(capacity, dtype=np.float32)
+        self.disc = np.zeros(capacity, dtype=np.float32)
+        self._chunks: dict[int, tuple[bytes, np.ndarray]] = {}
+        self._live: dict[int, int] = {}
+        self._next_chunk = 0
+        self.next_id = 0
+        self.obs_shape: tuple[int, ...] | None = None
+        self.obs_dtype: str | None = None
+        self.stale_updates = 0
+        self.stored_bytes = 0
+
+    @property
+    def size(self) -> int:
+        """Number of items stored."""
+        return min(self.next_id, self.capacity)
+
+    def _priority(self, p: np.ndarray) -> np.ndarray:
+        return (np.asarray(p, dtype=np.float64) + self.priority_eps) ** self.alpha
+
+    def add(self, chunk: ExperienceChunk) -> np.ndarray:
+        """Store a chunk's transitions; returns their ids. Evicts the oldest items at capacity."""
+        if self.obs_shape is None:
+            self.obs_shape, self.obs_dtype = tuple(chunk.obs_shape), chunk.obs_dtype
+        elif (tuple(chunk.obs_shape), chunk.obs_dtype) != (self.obs_shape, self.obs_dtype):
+            raise ValueError(f"chunk observations are {chunk.obs_dtype}{list(chunk.obs_shape)}, "
+                             f"replay holds {self.obs_dtype}{list(self.obs_shape)}")
+        n = len(chunk.action)
+        keep = slice(max(0, n - self.capacity), n)  # a chunk larger than the replay keeps its tail
+        n_keep = keep.stop - keep.start
+        if n_keep == 0:
+            return np.zeros(0, dtype=np.int64)
+        ids = np.arange(self.next_id + keep.start, self.next_id + n, dtype=np.int64)
+        self.next_id += n
+        slots = ids % self.capacity
+        self._release(self.chunk[slots][self.ids[slots] >= 0])
+        cid = self._next_chunk
+        self._next_chunk += 1
+        data = bytes(chunk.frame_data)
+        self._chunks[cid] = (data, np.array(chunk.frame_offsets, dtype=np.int64))
+        self._live[cid] = n_keep
+        self.stored_bytes += len(data)
+        self.ids[slots] = ids
+        self.chunk[slots] = cid
+        self.obs_idx[slots] = chunk.obs_idx[keep]
+        self.next_idx[slots] = chunk.next_idx[keep]
+        self.action[slots] = chunk.action[keep]
+        self.ret[slots] = chunk.ret[keep]
+        self.disc[slots] = chunk.disc[keep]
+        self.tree.set(slots, self._priority(chunk.priority[keep]))
+        return ids
+
+    def _release(self, chunk_ids: np.ndarray) -> None:
+        if chunk_ids.size == 0:
+            return
+        cids, counts = np.unique(chunk_ids, return_counts=True)
+        for cid, c in zip(cids.tolist(), counts.tolist()):
+            left = self._live[cid] - c
+            if left == 0:
+                del self._live[cid]
+                self.stored_bytes -= len(self._chunks.pop(cid)[0])
+            else:
+                self._live[cid] = left
+
+    def sample(self, batch_size: int, beta: float, seq: int = 0) -> SampleBatch:
+        """A stratified proportional sample of ``batch_size`` items with IS weights."""
+        if self.size == 0:
+            raise ValueError("cannot sample from an empty replay")
+        total = self.tree.total
+        bounds = (np.arange(batch_size) + self.rng.random(batch_size)) * (total / batch_size)
+        slots = self.tree.find(np.minimum(bounds, np.nextafter(total, 0)))
+        prios = self.tree.get(slots)
+        bad = (prios <= 0) | (slots >= self.size)
+        if bad.any():  # float rounding at a segment edge: fall back to the newest item
+            slots[bad] = (self.next_id - 1) % self.capacity
+            prios = self.tree.get(slots)
+        return self._gather(slots, importance_weights(prios, total, self.size, beta), seq)
+
+    def _gather(self, slots: np.ndarray, weights: np.ndarray, seq: int) -> SampleBatch:
+        # One frame table for the batch, each distinct observation once.
+        cids = self.chunk[slots]
+        keys = np.concatenate([cids << 32 | self.obs_idx[slots], cids << 32 | self.next_idx[slots]])
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        blobs = []
+        for key in uniq.tolist():
+            data, off = self._chunks[key >> 32]
+            j = key & 0xFFFFFFFF
+            blobs.append(memoryview(data)[off[j]:off[j + 1]])
+        offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in blobs], out=offsets[1:])
+        b = len(slots)
+        return SampleBatch(
+            seq=seq, obs_shape=self.obs_shape, obs_dtype=self.obs_dtype,
+            frame_data=b"".join(blobs), frame_offsets=offsets,
+            obs_idx=inverse[:b].astype(np.int32), next_idx=inverse[b:].astype(np.int32),
+            action=self.action[slots], ret=self.ret[slots], disc=self.disc[slots],
+            ids=self.ids[slots], weight=weights)
+
+    def update(self, ids: np.ndarray, priorities: np.ndarray) -> int:
+        """Set new priorities by id; ids no longer stored are ignored. Returns how many applied."""
+        ids = np.asarray(ids, dtype=np.int64)
+        slots = ids % self.capacity
+        live = (ids >= 0) & (self.ids[slots] == ids)
+        self.stale_updates += int((~live).sum())
+        self.tree.set(slots[live], self._priority(np.asarray(priorities)[live]))
+        return int(live.sum())
+
+    def priorities(self, ids: np.ndarray) -> np.ndarray:
+        """Current sampling priority p^alpha of live ids (for tests and inspection)."""
+        return self.tree.get(np.asarray(ids, dtype=np.int64) % self.capacity)

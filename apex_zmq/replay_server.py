@@ -1,0 +1,135 @@
+"""The replay server program: ingest experience, stream prioritized batches, apply priority updates."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import zmq
+
+from . import config as C
+from .envs import env_spec
+from .replay import PrioritizedReplay, annealed_beta
+from .transport import Sockets, install_stop, run_role
+from .wire import Telemetry, WireError, decode_experience, decode_priorities, encode
+
+# Yield to the other tasks after this many back-to-back messages on one socket, so a flood of
+# experience cannot starve sampling (an awaited zmq future that is already done does not yield).
+_FAIRNESS = 8
+
+
+class ReplayService:
+    """The replay server's logic without sockets: validate, store, sample, update, count."""
+
+    def __init__(self, cfg: C.ReplayConfig) -> None:
+        self.cfg = cfg
+        spec = env_spec(cfg.env)
+        self.spec = spec
+        self.replay = PrioritizedReplay(cfg.capacity, cfg.alpha, seed=cfg.seed)
+        self.counts = {"inserted": 0, "sampled": 0, "updated": 0, "rejected_experience": 0,
+                       "rejected_priorities": 0}
+        self.batches = 0
+
+    def on_experience(self, frames: list) -> bool:
+        """Store a chunk; a malformed one or one for another env is dropped and counted."""
+        try:
+            chunk = decode_experience(frames)
+            if (tuple(chunk.obs_shape), chunk.obs_dtype) != (self.spec.obs_shape, self.spec.obs_dtype):
+                raise WireError(f"observations {chunk.obs_dtype}{list(chunk.obs_shape)}, this replay "
+                                f"holds {self.spec.obs_dtype}{list(self.spec.obs_shape)} ({self.spec.env_id})")
+            if len(chunk.action) and int(chunk.action.max()) >= self.spec.num_actions:
+                raise WireError(f"action outside [0, {self.spec.num_actions})")
+        except WireError:
+            self.counts["rejected_experience"] += 1
+            return False
+        self.counts["inserted"] += len(self.replay.add(chunk))
+        return True
+
+    def on_priorities(self, frames: list) -> bool:
+        """Apply a priority update; malformed ones are dropped and counted, stale ids ignored."""
+        try:
+            upd = decode_priorities(frames)
+        except WireError:
+            self.counts["rejected_priorities"] += 1
+            return False
+        self.counts["updated"] += self.replay.update(upd.ids, upd.priority)
+        return True
+
+    @property
+    def ready(self) -> bool:
+        """Enough transitions stored to start sampling."""
+        return self.replay.size >= self.cfg.min_size
+
+    def sample_frames(self) -> list:
+        """Encode the next prioritized batch."""
+        beta = annealed_beta(self.cfg.beta, self.batches, self.cfg.beta_anneal)
+        self.batches += 1
+        batch = self.replay.sample(self.cfg.batch_size, beta, seq=self.batches)
+        self.counts["sampled"] += len(batch.ids)
+        return encode(batch)
+
+
+async def main_async(cfg: C.ReplayConfig) -> None:
+    """Bind the replay server's sockets and serve until stopped."""
+    svc = ReplayService(cfg)
+    socks = Sockets(cfg.insecure)
+    exp = socks.bind(zmq.PULL, cfg.experience, hwm=64)
+    samples = socks.bind(zmq.PUSH, cfg.samples, hwm=cfg.prefetch)
+    prios = socks.bind(zmq.PULL, cfg.priorities, hwm=64)
+    tel = socks.connect(zmq.PUB, cfg.telemetry)
+    stop = asyncio.Event()
+    install_stop(stop)
+    ready = asyncio.Event()
+
+    async def ingest() -> None:
+        while True:
+            for _ in range(_FAIRNESS):
+                svc.on_experience(await exp.recv_multipart(copy=False))
+            if svc.ready:
+                ready.set()
+            await asyncio.sleep(0)
+
+    async def updates() -> None:
+        while True:
+            for _ in range(_FAIRNESS):
+                svc.on_priorities(await prios.recv_multipart(copy=False))
+            await asyncio.sleep(0)
+
+    async def serve() -> None:
+        await ready.wait()
+        while True:
+            # send waits while `prefetch` batches are already queued: that is the prefetch bound.
+            await samples.send_multipart(svc.sample_frames(), copy=False)
+            await asyncio.sleep(0)
+
+    async def report() -> None:
+        last, prev = time.monotonic(), dict(svc.counts)
+        while True:
+            await asyncio.sleep(cfg.telemetry_period)
+            now = time.monotonic()
+            rates = {f"replay/{k}_per_s": (svc.counts[k] - prev[k]) / (now - last)
+                     for k in ("inserted", "sampled", "updated")}
+            last, prev = now, dict(svc.counts)
+            await tel.send_multipart(encode(Telemetry(
+                sender="replay", seq=svc.batches, role="replay", time=time.time(),
+                metrics={**rates, "replay/size": svc.replay.size,
+                         "replay/stored_mb": svc.replay.stored_bytes / 2**20,
+                         "replay/rejected": svc.counts["rejected_experience"] + svc.counts["rejected_priorities"],
+                         "replay/stale_updates": svc.replay.stale_updates})))
+
+    try:
+        await run_role(stop, [ingest(), updates(), serve(), report()])
+    finally:
+        socks.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``apex-zmq replay_server``: run the replay server."""
+    cfg = C.parse(C.ReplayConfig, argv, "replay_server")
+    C.save(cfg, cfg.run_dir, "config_replay_server")
+    asyncio.run(main_async(cfg))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,341 @@
+"""Every message on every socket: encoder and strict decoder, with a schema version.
+
+A message is a multipart ZeroMQ message: frame 0 is a msgpack header (a map with the schema
+version ``v``, the type ``t``, the sender ``s``, a sequence number ``q`` and type-specific fields),
+the other frames are raw little-endian arrays whose dtype and shape the header declares and the
+decoder checks against the type's schema before any array is touched. Never pickle.
+
+Observations travel as an lz4 "frame table": ``frame_data`` (the compressed blobs end to end) and
+``frame_offsets`` ([m + 1] int64), referred to by index from ``obs_idx`` / ``next_idx``. The actor
+compresses, the replay server stores and forwards the blobs untouched, the learner decompresses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import lz4.block
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+MAX_HEADER_BYTES = 1 << 16
+MAX_ARRAYS = 4096
+MAX_OBS_ELEMENTS = 1 << 24
+_OBS_DTYPES = ("uint8", "float32")
+_WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int64")
+
+
+class WireError(ValueError):
+    """A message that does not match its schema. The receiver drops it and counts it."""
+
+
+Frames = Sequence[Any]  # bytes, memoryview or zmq.Frame
+
+
+def _buf(frame: Any) -> memoryview:
+    """The bytes of a received frame without copying."""
+    b = getattr(frame, "buffer", frame)
+    return memoryview(b).cast("B")
+
+
+# --------------------------------------------------------------------------- frame tables
+
+
+def compress_obs(obs: np.ndarray) -> list[bytes]:
+    """lz4-compress each observation of a batch [m, *shape] separately."""
+    return [lz4.block.compress(o.tobytes(), store_size=False) for o in obs]
+
+
+def frame_table(blobs: Sequence[bytes | memoryview]) -> tuple[bytes, np.ndarray]:
+    """Concatenate compressed blobs; return (data, offsets [m + 1] int64)."""
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in blobs], out=offsets[1:])
+    return b"".join(blobs), offsets
+
+
+def decompress_frames(data: memoryview | bytes, offsets: np.ndarray, shape: Sequence[int],
+                      dtype: str) -> np.ndarray:
+    """Decompress every blob of a frame table into one array [m, *shape]; WireError on a bad blob."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    view = memoryview(data)
+    out = bytearray(size * (len(offsets) - 1))
+    try:
+        for j in range(len(offsets) - 1):
+            raw = lz4.block.decompress(view[offsets[j]:offsets[j + 1]], uncompressed_size=size)
+            if len(raw) != size:
+                raise WireError(f"observation {j} decompressed to {len(raw)} bytes, expected {size}")
+            out[j * size:(j + 1) * size] = raw
+    except lz4.block.LZ4BlockError as e:
+        raise WireError(f"observation blob does not decompress: {e}") from None
+    return np.frombuffer(out, dtype=dtype).reshape(len(offsets) - 1, *shape)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass
+class ExperienceChunk:
+    """n-step transitions from one actor, with their initial priorities (actors -> replay)."""
+
+    sender: str
+    seq: int
+    obs_shape: tuple[int, ...]
+    obs_dtype: str
+    frame_data: bytes | memoryview
+    frame_offsets: np.ndarray  # [m + 1] int64
+    obs_idx: np.ndarray        # [n] int32, index into the frame table
+    next_idx: np.ndarray       # [n] int32, observation to bootstrap from
+    action: np.ndarray         # [n] int32
+    ret: np.ndarray            # [n] float32, discounted n-step return
+    disc: np.ndarray           # [n] float32, bootstrap discount (0 after termination)
+    priority: np.ndarray       # [n] float32, initial |TD|
+
+
+@dataclass
+class SampleBatch:
+    """A prioritized batch (replay -> learner). Frames deduplicated: obs and next obs share the table."""
+
+    seq: int
+    obs_shape: tuple[int, ...]
+    obs_dtype: str
+    frame_data: bytes | memoryview
+    frame_offsets: np.ndarray
+    obs_idx: np.ndarray
+    next_idx: np.ndarray
+    action: np.ndarray
+    ret: np.ndarray
+    disc: np.ndarray
+    ids: np.ndarray            # [n] int64 replay item ids
+    weight: np.ndarray         # [n] float32 importance weights
+    sender: str = "replay"
+
+
+@dataclass
+class PriorityUpdate:
+    """New priorities for replay items, keyed by id (learner -> replay)."""
+
+    sender: str
+    seq: int
+    ids: np.ndarray       # [n] int64
+    priority: np.ndarray  # [n] float32
+
+
+@dataclass
+class Weights:
+    """Versioned network parameters (learner -> actors, evaluator)."""
+
+    sender: str
+    seq: int
+    version: int                   # learner steps when the snapshot was taken
+    names: list[str]
+    arrays: list[np.ndarray]
+
+
+@dataclass
+class Telemetry:
+    """Heartbeat, counters and finished episodes of one role (every role -> evaluator)."""
+
+    sender: str
+    seq: int
+    role: str
+    time: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    episodes: list[dict[str, float]] = field(default_factory=list)
+
+
+_TRANSITION_ARRAYS = {  # name -> dtype; every array has one entry per transition
+    "obs_idx": "int32", "next_idx": "int32", "action": "int32", "ret": "float32", "disc": "float32",
+}
+_SCHEMAS: dict[str, dict[str, str]] = {
+    "experience": {"frame_data": "uint8", "frame_offsets": "int64", **_TRANSITION_ARRAYS,
+                   "priority": "float32"},
+    "sample": {"frame_data": "uint8", "frame_offsets": "int64", **_TRANSITION_ARRAYS,
+               "ids": "int64", "weight": "float32"},
+    "priorities": {"ids": "int64", "priority": "float32"},
+}
+ROLES = ("actor", "replay", "learner", "evaluator", "launcher")
+
+
+def _header(t: str, sender: str, seq: int, **extra: Any) -> dict[str, Any]:
+    return {"v": SCHEMA_VERSION, "t": t, "s": sender, "q": int(seq), **extra}
+
+
+def _encode_arrays(t: str, header: dict[str, Any], arrays: dict[str, Any]) -> list[Any]:
+    specs = []
+    frames: list[Any] = [None]
+    for name, dtype in _SCHEMAS[t].items():
+        a = arrays[name]
+        if isinstance(a, (bytes, bytearray, memoryview)):
+            frames.append(a)
+            specs.append([name, len(a)])
+        else:
+            a = np.ascontiguousarray(a, dtype=dtype)
+            frames.append(a.data)
+            specs.append([name, int(a.size)])
+    header["a"] = specs
+    frames[0] = msgpack.packb(header, use_bin_type=True)
+    return frames
+
+
+def encode(msg: ExperienceChunk | SampleBatch | PriorityUpdate | Weights | Telemetry) -> list[Any]:
+    """Encode a message into multipart frames (large arrays are referenced, not copied)."""
+    if isinstance(msg, ExperienceChunk):
+        h = _header("experience", msg.sender, msg.seq, shape=list(msg.obs_shape), dtype=msg.obs_dtype)
+        return _encode_arrays("experience", h, vars(msg))
+    if isinstance(msg, SampleBatch):
+        h = _header("sample", msg.sender, msg.seq, shape=list(msg.obs_shape), dtype=msg.obs_dtype)
+        return _encode_arrays("sample", h, vars(msg))
+    if isinstance(msg, PriorityUpdate):
+        return _encode_arrays("priorities", _header("priorities", msg.sender, msg.seq), vars(msg))
+    if isinstance(msg, Weights):
+        arrays = [np.ascontiguousarray(a) for a in msg.arrays]
+        h = _header("weights", msg.sender, msg.seq, version=int(msg.version),
+                    a=[[n, str(a.dtype), list(a.shape)] for n, a in zip(msg.names, arrays)])
+        return [msgpack.packb(h, use_bin_type=True)] + [a.data for a in arrays]
+    if isinstance(msg, Telemetry):
+        h = _header("telemetry", msg.sender, msg.seq, role=msg.role, time=float(msg.time),
+                    m={k: float(v) for k, v in msg.metrics.items()}, e=list(msg.episodes))
+        return [msgpack.packb(h, use_bin_type=True)]
+    raise TypeError(f"not a message: {type(msg).__name__}")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise WireError(what)
+
+
+def _parse_header(frames: Frames, expected_type: str) -> dict[str, Any]:
+    _need(len(frames) >= 1, "empty message")
+    raw = _buf(frames[0])
+    _need(len(raw) <= MAX_HEADER_BYTES, f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        h = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_array_len=MAX_ARRAYS,
+                            max_map_len=4096, max_str_len=4096, max_bin_len=0, max_ext_len=0)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise WireError(f"header is not msgpack: {type(e).__name__}") from None
+    _need(isinstance(h, dict), f"header must be a map, got {type(h).__name__}")
+    _need(h.get("v") == SCHEMA_VERSION, f"schema version {h.get('v')!r}, expected {SCHEMA_VERSION}")
+    _need(h.get("t") == expected_type, f"message type {h.get('t')!r}, expected {expected_type!r}")
+    _need(isinstance(h.get("s"), str) and len(h["s"]) <= 256, "sender must be a short string")
+    _need(isinstance(h.get("q"), int) and h["q"] >= 0, "sequence number must be an int >= 0")
+    return h
+
+
+def _obs_spec(h: dict[str, Any]) -> tuple[tuple[int, ...], str]:
+    shape, dtype = h.get("shape"), h.get("dtype")
+    _need(isinstance(shape, list) and 1 <= len(shape) <= 4
+          and all(isinstance(d, int) and 1 <= d <= 4096 for d in shape), f"bad obs shape {shape!r}")
+    _need(math.prod(shape) <= MAX_OBS_ELEMENTS, "obs shape too large")
+    _need(dtype in _OBS_DTYPES, f"obs dtype {dtype!r}, expected one of {_OBS_DTYPES}")
+    return tuple(shape), dtype
+
+
+def _decode_arrays(t: str, h: dict[str, Any], frames: Frames) -> dict[str, Any]:
+    schema = _SCHEMAS[t]
+    specs = h.get("a")
+    _need(isinstance(specs, list) and [s[0] if isinstance(s, list) and s else None for s in specs]
+          == list(schema), f"{t} arrays must be {list(schema)}")
+    _need(len(frames) == 1 + len(schema), f"{t} needs {1 + len(schema)} frames, got {len(frames)}")
+    out: dict[str, Any] = {}
+    for (name, count), frame in zip(((s[0], s[1] if len(s) == 2 else None) for s in specs), frames[1:]):
+        _need(isinstance(count, int) and count >= 0, f"{name}: bad element count {count!r}")
+        buf = _buf(frame)
+        dt = np.dtype(schema[name])
+        _need(len(buf) == count * dt.itemsize,
+              f"{name}: declared {count} x {dt.itemsize} bytes, frame has {len(buf)}")
+        out[name] = buf if name == "frame_data" else np.frombuffer(buf, dtype=dt.newbyteorder("<"))
+    return out
+
+
+def _check_transitions(a: dict[str, Any], h: dict[str, Any]) -> int:
+    n = len(a["action"])
+    for name in _TRANSITION_ARRAYS:
+        _need(len(a[name]) == n, f"{name} has {len(a[name])} entries, expected {n}")
+    off = a["frame_offsets"]
+    m = len(off) - 1
+    _need(m >= 1, "frame table is empty")
+    _need(off[0] == 0 and off[-1] == len(a["frame_data"]) and bool(np.all(np.diff(off) > 0)),
+          "frame offsets must rise from 0 to the data length")
+    for name in ("obs_idx", "next_idx"):
+        _need(n == 0 or (a[name].min() >= 0 and a[name].max() < m), f"{name} outside the frame table")
+    _need(n == 0 or a["action"].min() >= 0, "negative action")
+    _need(bool(np.all(np.isfinite(a["ret"]))), "non-finite return")
+    _need(bool(np.all((a["disc"] >= 0) & (a["disc"] <= 1))), "discount outside [0, 1]")
+    return n
+
+
+def _check_priorities(p: np.ndarray) -> None:
+    _need(bool(np.all(np.isfinite(p))) and bool(np.all(p >= 0)), "priorities must be finite and >= 0")
+
+
+def decode_experience(frames: Frames) -> ExperienceChunk:
+    """Decode and validate an experience chunk; WireError if anything disagrees."""
+    h = _parse_header(frames, "experience")
+    shape, dtype = _obs_spec(h)
+    a = _decode_arrays("experience", h, frames)
+    _check_transitions(a, h)
+    _check_priorities(a["priority"])
+    return ExperienceChunk(sender=h["s"], seq=h["q"], obs_shape=shape, obs_dtype=dtype, **a)
+
+
+def decode_sample(frames: Frames) -> SampleBatch:
+    """Decode and validate a sample batch; WireError if anything disagrees."""
+    h = _parse_header(frames, "sample")
+    shape, dtype = _obs_spec(h)
+    a = _decode_arrays("sample", h, frames)
+    n = _check_transitions(a, h)
+    _need(len(a["ids"]) == n and len(a["weight"]) == n, "ids/weight length differs from the batch")
+    _need(n == 0 or a["ids"].min() >= 0, "negative item id")
+    _need(bool(np.all(np.isfinite(a["weight"]))) and bool(np.all(a["weight"] >= 0)), "bad weights")
+    return SampleBatch(seq=h["q"], obs_shape=shape, obs_dtype=dtype, sender=h["s"], **a)
+
+
+def decode_priorities(frames: Frames) -> PriorityUpdate:
+    """Decode and validate a priority update; WireError if anything disagrees."""
+    h = _parse_header(frames, "priorities")
+    a = _decode_arrays("priorities", h, frames)
+    _need(len(a["ids"]) == len(a["priority"]), "ids and priorities differ in length")
+    _need(len(a["ids"]) == 0 or a["ids"].min() >= 0, "negative item id")
+    _check_priorities(a["priority"])
+    return PriorityUpdate(sender=h["s"], seq=h["q"], **a)
+
+
+def decode_weights(frames: Frames) -> Weights:
+    """Decode and validate a weights message; WireError if anything disagrees."""
+    h = _parse_header(frames, "weights")
+    specs = h.get("a")
+    _need(isinstance(h.get("version"), int) and h["version"] >= 0, "weights version must be an int >= 0")
+    _need(isinstance(specs, list) and len(specs) == len(frames) - 1, "one array spec per frame expected")
+    names, arrays = [], []
+    for spec, frame in zip(specs, frames[1:]):
+        _need(isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str), f"bad spec {spec!r}")
+        name, dtype, shape = spec
+        _need(dtype in _WEIGHT_DTYPES, f"{name}: dtype {dtype!r} not allowed")
+        _need(isinstance(shape, list) and len(shape) <= 8
+              and all(isinstance(d, int) and 0 <= d < 1 << 31 for d in shape), f"{name}: bad shape")
+        buf = _buf(frame)
+        _need(len(buf) == math.prod(shape) * np.dtype(dtype).itemsize, f"{name}: size disagrees with shape")
+        names.append(name)
+        arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
+    return Weights(sender=h["s"], seq=h["q"], version=h["version"], names=names, arrays=arrays)
+
+
+def decode_telemetry(frames: Frames) -> Telemetry:
+    """Decode and validate a telemetry message; WireError if anything disagrees."""
+    _need(len(frames) == 1, f"telemetry is one frame, got {len(frames)}")
+    h = _parse_header(frames, "telemetry")
+    _need(h.get("role") in ROLES, f"role {h.get('role')!r}, expected one of {ROLES}")
+    _need(isinstance(h.get("time"), float), "time must be a float")
+    m, e = h.get("m"), h.get("e")
+    _need(isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, (int, float))
+                                      for k, v in m.items()), "metrics must map names to numbers")
+    _need(isinstance(e, list) and len(e) <= 4096 and all(
+        isinstance(ep, dict) and all(isinstance(k, str) and isinstance(v, (int, float))
+                                     for k, v in ep.items()) for ep in e), "episodes must be maps of numbers")
+    return Telemetry(sender=h["s"], seq=h["q"], role=h["role"], time=h["time"], metrics=m, episodes=e)

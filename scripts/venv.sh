@@ -1,0 +1,21 @@
+# Sourced by run.sh and test.sh: create .venv on first use and install what the project needs.
+# Re-installs when requirements*.txt or pyproject.toml change (their hash is kept in the venv).
+set -euo pipefail
+APEX_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$APEX_ROOT/.venv"
+ensure_venv() {
+  local want_dev="${1:-}" stamp hash files=("$APEX_ROOT/requirements.txt" "$APEX_ROOT/pyproject.toml")
+  [ -n "$want_dev" ] && files+=("$APEX_ROOT/requirements-dev.txt")
+  hash="$(cat "${files[@]}" | sha256sum | cut -c1-16)"
+  stamp="$VENV/.apex-installed-${hash}"
+  [ -f "$stamp" ] && return 0
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "setting up $VENV (first run; torch and the Atari ROMs take a few minutes)..." >&2
+    python3 -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install --progress-bar on -q --upgrade pip >&2
+  "$VENV/bin/python" -m pip install --progress-bar on -q -r "$APEX_ROOT/requirements.txt" \
+    ${want_dev:+-r "$APEX_ROOT/requirements-dev.txt"} >&2
+  "$VENV/bin/python" -m pip install -q --no-deps -e "$APEX_ROOT" >&2
+  touch "$stamp"
+}

@@ -163,7 +163,10 @@ def call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Awaitable[Any
     Gives up (returning None) once ``stop`` is set, so a send blocked on a missing peer cannot
     hold the role open at shutdown.
     """
-    fut = asyncio.run_coroutine_threadsafe(fn(), loop)
+    async def in_loop() -> Any:
+        return await fn()  # fn() must be called on the loop's thread: zmq.asyncio needs its loop
+
+    fut = asyncio.run_coroutine_threadsafe(in_loop(), loop)
     while True:
         try:
             return fut.result(timeout=0.25)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,8 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
     loop = asyncio.get_running_loop()
     started = time.time()
     latest: list[Weights] = []
+    fresh = threading.Event()   # newer weights arrived
+    halt = threading.Event()    # stop, as seen from the evaluation thread
     state = {"reached": False, "evaluated_version": -1}
 
     async def receive_telemetry() -> None:
@@ -124,15 +127,18 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
         while True:
             try:
                 latest[:] = [decode_weights(await recv_latest(weights))]
+                if latest[0].version != state["evaluated_version"]:
+                    fresh.set()
             except WireError:
                 monitor.rejected += 1
 
     def evaluation() -> None:
         # CPU-bound episodes off the event loop; one evaluation per period with the newest weights.
         n = 0
-        while not stop.is_set():
-            if not latest or latest[0].version == state["evaluated_version"]:
-                time.sleep(0.1)
+        while not halt.is_set():
+            fresh.wait()
+            fresh.clear()
+            if halt.is_set() or not latest or latest[0].version == state["evaluated_version"]:
                 continue
             w = latest[0]
             load_arrays(net, w.names, w.arrays)
@@ -155,9 +161,7 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
                 print(f"evaluator: mean return {res.mean:.1f} reached --stop-at-return "
                       f"{cfg.stop_at_return} after {summary['elapsed_s']:.1f}s", flush=True)
                 return
-            deadline = time.monotonic() + cfg.eval_period
-            while not stop.is_set() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            halt.wait(cfg.eval_period)
 
     async def report() -> None:
         while True:
@@ -165,7 +169,8 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
             print(monitor.progress_line(time.time() - started), flush=True)
 
     try:
-        await run_role(stop, [receive_telemetry(), receive_weights(), report()], [evaluation])
+        await run_role(stop, [receive_telemetry(), receive_weights(), report()], [evaluation],
+                       on_stop=[halt, fresh])
     finally:
         socks.close()
         logger.close()

@@ -8,7 +8,7 @@ import ipaddress
 import queue
 import signal
 import threading
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 import zmq
@@ -98,11 +98,13 @@ def install_stop(stop: asyncio.Event) -> None:
 
 
 async def run_role(stop: asyncio.Event, tasks: list[Awaitable[Any]],
-                   workers: list[Callable[[], None]] = ()) -> None:
+                   workers: list[Callable[[], None]] = (),
+                   on_stop: Sequence[threading.Event] = ()) -> None:
     """Run a role's async tasks and worker threads until ``stop`` is set or any of them ends.
 
-    Workers are CPU-bound loops that must return soon after ``stop.is_set()``; the first error of
-    a task or worker is re-raised after everything has stopped.
+    Workers are CPU-bound loops that must return soon after ``stop.is_set()`` or after one of the
+    ``on_stop`` events (set here once stopping) wakes them; the first error of a task or worker is
+    re-raised after everything has stopped.
     """
     loop = asyncio.get_running_loop()
     errors: list[BaseException] = []
@@ -123,6 +125,8 @@ async def run_role(stop: asyncio.Event, tasks: list[Awaitable[Any]],
     waiter = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait([*running, waiter], return_when=asyncio.FIRST_COMPLETED)
     stop.set()
+    for ev in on_stop:
+        ev.set()
     for t in [*running, waiter]:
         t.cancel()
     await asyncio.gather(*running, waiter, return_exceptions=True)

@@ -14,7 +14,7 @@ import zmq
 from . import config as C
 from .envs import env_spec, make_vector_env
 from .exploration import actor_epsilons, epsilon_greedy
-from .networks import build_network, load_arrays
+from .networks import ActingNetwork, build_network, load_arrays
 from .nstep import SegmentBuffer
 from .transport import Sockets, call_in_loop, install_stop, recv_latest, run_role
 from .wire import ExperienceChunk, Telemetry, WireError, compress_obs, decode_weights, encode, frame_table
@@ -31,6 +31,7 @@ class ActorCore:
         self.env = make_vector_env(cfg.env, cfg.envs_per_actor, seed, train=True,
                                    num_threads=cfg.env_threads)
         self.net = build_network(self.spec, cfg.hidden).eval()
+        self.policy = ActingNetwork(self.net)
         self.eps = actor_epsilons(cfg.actor_index, cfg.envs_per_actor, cfg.num_actors,
                                   cfg.eps_base, cfg.eps_alpha)
         self.rng = np.random.default_rng(seed)
@@ -48,12 +49,13 @@ class ActorCore:
     def set_weights(self, names: list[str], arrays: list[np.ndarray], version: int) -> None:
         """Adopt newer network weights."""
         load_arrays(self.net, names, arrays)
+        self.policy.sync(self.net)
         self.weights_version = version
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> ExperienceChunk | None:
         """One vector step of all K envs; returns a chunk when a segment fills."""
-        q = self.net(torch.as_tensor(self.obs)).numpy()
+        q = self.policy(torch.as_tensor(self.obs)).numpy()
         self.seg.add_obs(compress_obs(self.obs), q)
         chunk = self._chunk() if self.seg.full else None
         actions = epsilon_greedy(q, self.eps, self.rng)

@@ -255,8 +255,10 @@ def validate(cfg: Any) -> None:
              f"must be in [0, {cfg.num_actors}), got {cfg.actor_index}")
         need(cfg.chunk_steps >= 1, "chunk_steps", f"must be >= 1, got {cfg.chunk_steps}")
     if isinstance(cfg, ReplayConfig):
-        need(cfg.capacity >= cfg.batch_size, "capacity", "must be at least --batch-size")
-        need(0 < cfg.min_size <= cfg.capacity, "min_size", "must be in (0, --capacity]")
+        need(cfg.capacity >= cfg.batch_size, "capacity",
+             f"must be at least --batch-size ({cfg.batch_size}), got {cfg.capacity}")
+        need(0 < cfg.min_size <= cfg.capacity, "min_size",
+             f"must be in (0, --capacity] = (0, {cfg.capacity}], got {cfg.min_size}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
@@ -49,6 +51,45 @@ def build_network(spec: EnvSpec, hidden: int) -> Dueling:
     obs_dim = int(np.prod(spec.obs_shape))
     torso = nn.Sequential(nn.Flatten(), nn.Linear(obs_dim, hidden), nn.ReLU())
     return Dueling(torso, hidden, hidden, spec.num_actions)
+
+
+class ActingNetwork(nn.Module):
+    """An inference-only copy of a ``Dueling`` network arranged for fast batched acting on CPU.
+
+    Same outputs (to float rounding): the 1/255 input scaling is folded into the first conv's
+    weights (saves a pass over the input) and the first layers of the value and advantage heads
+    run as one matmul. Call ``sync`` after the source network's weights change.
+    """
+
+    def __init__(self, net: Dueling) -> None:
+        super().__init__()
+        self.torso = copy.deepcopy(net.torso)
+        self.folded = isinstance(self.torso, NatureTorso)
+        v0, a0 = net.value[0], net.advantage[0]
+        self.hidden = v0.out_features
+        self.head = nn.Linear(v0.in_features, v0.out_features + a0.out_features)
+        self.value_out = copy.deepcopy(net.value[2])
+        self.advantage_out = copy.deepcopy(net.advantage[2])
+        self.sync(net)
+        self.eval()
+
+    @torch.no_grad()
+    def sync(self, net: Dueling) -> None:
+        """Copy (and rearrange) the weights of ``net``."""
+        self.torso.load_state_dict(net.torso.state_dict())
+        if self.folded:
+            self.torso.net[0].weight.mul_(1.0 / 255.0)
+        v0, a0 = net.value[0], net.advantage[0]
+        self.head.weight.copy_(torch.cat([v0.weight, a0.weight]))
+        self.head.bias.copy_(torch.cat([v0.bias, a0.bias]))
+        self.value_out.load_state_dict(net.value[2].state_dict())
+        self.advantage_out.load_state_dict(net.advantage[2].state_dict())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        h = self.torso.net(obs.float()) if self.folded else self.torso(obs)
+        h = torch.relu(self.head(h))
+        a = self.advantage_out(h[:, self.hidden:])
+        return self.value_out(h[:, :self.hidden]) + a - a.mean(dim=1, keepdim=True)
 
 
 def state_arrays(net: nn.Module) -> tuple[list[str], list[np.ndarray]]:

@@ -1,0 +1,116 @@
+"""Agent steps/s of one real actor process on Atari, next to bare ``AtariVectorEnv`` stepping.
+
+The actor is the real program (``python -m apex_zmq.actor``): K envs stepped by ale-py's native
+vector env with ``--env-threads`` threads, the Nature dueling CNN run on the whole batch every step
+with ``--torch-threads`` threads, n-step returns and initial priorities, lz4 compression, encoding and
+sending chunks to a PULL socket held by this benchmark, which counts the transitions that arrive.
+The reference steps the same ``AtariVectorEnv`` (same K, same threads) with random actions, in the
+same run. The two alternate ``--rounds`` times and the medians are compared.
+
+    .venv/bin/python bench/actor_throughput.py [--env ALE/Pong-v5] [--envs 32] [--threads 2]
+
+Last line: ``actor_steps_per_s=<x> ratio_to_bare_env=<y>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from apex_zmq.envs import make_vector_env  # noqa: E402
+from apex_zmq.wire import decode_experience  # noqa: E402
+from conftest import endpoint_flags, free_port_base  # noqa: E402
+
+
+def bare_env_rate(env_id: str, envs: int, threads: int, seconds: float) -> float:
+    """Agent steps/s of the vector env alone with random actions."""
+    env = make_vector_env(env_id, envs, seed=1, train=True, num_threads=threads)
+    try:
+        rng = np.random.default_rng(0)
+        n_actions = int(env.single_action_space.n)
+        for _ in range(50):  # warm up
+            env.step(rng.integers(0, n_actions, envs))
+        steps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            env.step(rng.integers(0, n_actions, envs))
+            steps += envs
+        return steps / (time.perf_counter() - t0)
+    finally:
+        env.close()
+
+
+def actor_rate(env_id: str, envs: int, threads: int, seconds: float, warmup: float) -> float:
+    """Agent steps/s of the real actor process, counted as transitions arriving at a PULL socket."""
+    base = free_port_base()
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(f"tcp://127.0.0.1:{base}")  # base is the experience endpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "apex_zmq.actor", "--env", env_id, "--run-dir", tmp,
+             *endpoint_flags(base), "--envs-per-actor", str(envs), "--env-threads", str(threads),
+             "--torch-threads", str(threads), "--num-actors", "1"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            poller = zmq.Poller()
+            poller.register(pull, zmq.POLLIN)
+            start = None
+            count = 0
+            t_end = None
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if not poller.poll(1000):
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"actor exited with code {proc.returncode}")
+                    continue
+                chunk = decode_experience(pull.recv_multipart(copy=False))
+                now = time.perf_counter()
+                if start is None:
+                    start = now + warmup  # the first chunk: start counting after the warm-up
+                    continue
+                if now < start:
+                    continue
+                if t_end is None:
+                    t0, t_end = now, now + seconds  # count chunks that arrive after t0
+                    continue
+                count += len(chunk.action)
+                if now >= t_end:
+                    return count / (now - t0)
+            raise RuntimeError("actor produced no experience in time")
+        finally:
+            proc.terminate()
+            proc.wait(15)
+            pull.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--env", default="ALE/Pong-v5")
+    ap.add_argument("--envs", type=int, default=32, help="K: envs per actor")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    actor, bare = [], []
+    for r in range(args.rounds):
+        bare.append(bare_env_rate(args.env, args.envs, args.threads, args.seconds))
+        actor.append(actor_rate(args.env, args.envs, args.threads, args.seconds, warmup=3.0))
+        print(f"round {r + 1}: bare env {bare[-1]:.0f} steps/s, actor {actor[-1]:.0f} steps/s", flush=True)
+    a, b = statistics.median(actor), statistics.median(bare)
+    print(f"env={args.env} K={args.envs} threads={args.threads} network=Nature dueling CNN (hidden 512)")
+    print(f"actor_steps_per_s={a:.0f} ratio_to_bare_env={a / b:.2f}")
+
+
+if __name__ == "__main__":
+    main()

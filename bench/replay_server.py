@@ -1,0 +1,231 @@
+"""Replay server throughput over ZeroMQ with 1M Atari transitions, next to cpprb in-process.
+
+Three processes, all real: the replay server (``python -m apex_zmq.replay_server``, capacity
+``--size``), a producer that fills it with real Pong chunks (made by the actor's own core with random
+Q values; a pool of encoded chunks is resent) and then keeps pushing at ``--insert-rate``
+transitions/s, and a consumer that receives batches of ``--batch`` (strict decode) and returns a
+priority update for every batch. Batches/s is counted at the consumer over ``--seconds``.
+
+The reference is cpprb's ``PrioritizedReplayBuffer`` holding the same number of transitions of the
+same frames (obs with ``next_of`` and ``stack_compress``, cpprb's memory-saving Atari layout),
+timed on ``sample(batch)`` + ``update_priorities`` in this process, after the system above stopped.
+
+    .venv/bin/python bench/replay_server.py [--size 1000000] [--batch 512] [--insert-rate 10000]
+
+Last line: ``replay_batches_per_s=<x> cpprb_batches_per_s=<y> ratio=<x/y>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import endpoint_flags, free_port_base  # noqa: E402
+
+ENV = "ALE/Pong-v5"
+
+
+def real_chunks(count: int, envs: int = 32) -> list:
+    """``count`` real experience chunks from Pong (actor core, random Q values)."""
+    import torch
+
+    from apex_zmq import config as C
+    from apex_zmq.actor import ActorCore
+    cfg = C.resolve(C.parse(C.ActorConfig, ["--env", ENV, "--run-dir", tempfile.gettempdir(),
+                                            "--envs-per-actor", str(envs), "--env-threads", "2"], "actor"))
+    core = ActorCore(cfg)
+    n_actions = core.spec.num_actions
+    core.policy = lambda obs: torch.randn(len(obs), n_actions)
+    chunks = []
+    while len(chunks) < count:
+        c = core.step()
+        if c is not None:
+            chunks.append(c)
+    core.env.close()
+    return chunks
+
+
+def producer(endpoint: str, pool_chunks: int, fill: int, rate: float, throttle: mp.Event,
+             stop: mp.Event, out: mp.Queue) -> None:
+    """Push ``fill`` transitions as fast as possible, then ``rate`` transitions/s until stopped."""
+    import zmq
+
+    from apex_zmq.wire import encode
+    chunks = real_chunks(pool_chunks)
+    n_per = [len(c.action) for c in chunks]
+    pool = [encode(c) for c in chunks]
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 64)
+    push.connect(endpoint)
+    sent, i = 0, 0
+    out.put(("pool", sum(n_per)))
+    while sent < fill and not stop.is_set():
+        push.send_multipart(pool[i % len(pool)], copy=False)
+        sent += n_per[i % len(pool)]
+        i += 1
+    throttle.wait()
+    t0, steady = time.monotonic(), 0
+    while not stop.is_set():
+        push.send_multipart(pool[i % len(pool)], copy=False)
+        steady += n_per[i % len(pool)]
+        i += 1
+        ahead = t0 + steady / rate - time.monotonic()
+        if ahead > 0:
+            stop.wait(ahead)  # paced, not a busy wait
+    out.put(("producer_rate", steady / (time.monotonic() - t0)))
+    push.close()
+
+
+def consumer(samples: str, priorities: str, start: mp.Event, stop: mp.Event, out: mp.Queue) -> None:
+    """Receive batches, decode them strictly, send back one priority update per batch."""
+    import zmq
+
+    from apex_zmq.wire import PriorityUpdate, decode_sample, encode
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 4)
+    pull.connect(samples)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(priorities)
+    rng = np.random.default_rng(0)
+    counted, t0 = 0, None
+    while not stop.is_set():
+        if not pull.poll(200):
+            continue
+        batch = decode_sample(pull.recv_multipart(copy=False))
+        push.send_multipart(encode(PriorityUpdate(sender="learner", seq=batch.seq, ids=batch.ids,
+                                                  priority=rng.random(len(batch.ids)).astype(np.float32))))
+        if start.is_set():
+            if t0 is None:
+                t0 = time.monotonic()
+            else:
+                counted += 1
+    out.put(("consumer_batches_per_s", counted / (time.monotonic() - t0) if t0 else 0.0))
+
+
+def watch_size(tel, target: int, timeout: float) -> dict:
+    """Telemetry reports until replay/size reaches ``target``; returns the last metrics."""
+    from apex_zmq.wire import decode_telemetry
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if tel.poll(1000):
+            m = decode_telemetry(tel.recv_multipart()).metrics
+            if m.get("replay/size", 0) >= target:
+                return m
+    raise RuntimeError(f"replay did not reach {target} transitions in {timeout:.0f}s")
+
+
+def run_system(size: int, batch: int, rate: float, seconds: float) -> tuple[float, dict]:
+    """Batches/s of the replay server process at ``size`` transitions under load."""
+    import zmq
+
+    from apex_zmq.wire import decode_telemetry
+    base = free_port_base()
+    flags = endpoint_flags(base)
+    ep = dict(zip(flags[0::2], flags[1::2]))
+    ctx = zmq.Context.instance()
+    tel = ctx.socket(zmq.SUB)
+    tel.setsockopt(zmq.SUBSCRIBE, b"")
+    tel.bind(ep["--telemetry"])
+    spawn = mp.get_context("spawn")
+    throttle, start, stop, out = spawn.Event(), spawn.Event(), spawn.Event(), spawn.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "apex_zmq.replay_server", "--env", ENV, "--run-dir", tmp, *flags,
+             "--capacity", str(size), "--min-size", str(size), "--batch-size", str(batch),
+             "--telemetry-period", "1"], cwd=ROOT)
+        prod = spawn.Process(target=producer, args=(ep["--experience"], 40, size, rate, throttle, stop, out))
+        cons = spawn.Process(target=consumer, args=(ep["--samples"], ep["--priorities"], start, stop, out))
+        prod.start()
+        cons.start()
+        try:
+            t0 = time.monotonic()
+            watch_size(tel, size, timeout=600)
+            print(f"filled {size} transitions in {time.monotonic() - t0:.0f}s", flush=True)
+            throttle.set()
+            time.sleep(3)  # let the paced producer and sampling settle
+            start.set()
+            tel_rates: list[dict] = []
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end:
+                if tel.poll(500):
+                    tel_rates.append(decode_telemetry(tel.recv_multipart()).metrics)
+            stop.set()
+            results = dict(out.get(timeout=30) for _ in range(3))
+            prod.join(30)
+            cons.join(30)
+        finally:
+            stop.set()
+            server.terminate()
+            server.wait(30)
+            for p in (prod, cons):
+                if p.is_alive():
+                    p.kill()
+    med = {k: float(np.median([m[k] for m in tel_rates if k in m]))
+           for k in ("replay/inserted_per_s", "replay/sampled_per_s", "replay/updated_per_s", "replay/size")}
+    results.update(med)
+    return results["consumer_batches_per_s"], results
+
+
+def run_cpprb(size: int, batch: int, seconds: float) -> float:
+    """sample(batch) + update_priorities(batch) per second of cpprb holding ``size`` transitions."""
+    try:
+        from cpprb import PrioritizedReplayBuffer
+    except ImportError:
+        raise SystemExit("cpprb is needed for the reference: .venv/bin/pip install -r requirements-bench.txt")
+
+    from apex_zmq.wire import decompress_frames
+    chunks = real_chunks(8)
+    frames = np.concatenate([decompress_frames(c.frame_data, c.frame_offsets, c.obs_shape, c.obs_dtype)
+                             for c in chunks])
+    rb = PrioritizedReplayBuffer(size, {"obs": {"shape": (4, 84, 84), "dtype": np.uint8},
+                                        "act": {"dtype": np.int64}, "rew": {}, "done": {}},
+                                 next_of="obs", stack_compress="obs", alpha=0.6)
+    step = 1000
+    rng = np.random.default_rng(0)
+    t0 = time.monotonic()
+    for start in range(0, size, step):
+        idx = (np.arange(start, start + step) % (len(frames) - 1))
+        rb.add(obs=frames[idx], next_obs=frames[idx + 1], act=rng.integers(0, 6, step),
+               rew=rng.random(step), done=np.zeros(step), priorities=rng.random(step) + 0.01)
+    print(f"cpprb: filled {rb.get_stored_size()} transitions in {time.monotonic() - t0:.0f}s", flush=True)
+    for _ in range(5):
+        s = rb.sample(batch, beta=0.4)
+        rb.update_priorities(s["indexes"], rng.random(batch) + 0.01)
+    n, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        s = rb.sample(batch, beta=0.4)
+        rb.update_priorities(s["indexes"], rng.random(batch) + 0.01)
+        n += 1
+    return n / (time.monotonic() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=1_000_000)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--insert-rate", type=float, default=10_000.0, help="transitions/s while measuring")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    args = ap.parse_args()
+    ours, r = run_system(args.size, args.batch, args.insert_rate, args.seconds)
+    print(f"replay server: {ours:.0f} batches/s of {args.batch} at the consumer; producer "
+          f"{r['producer_rate']:.0f} transitions/s; server telemetry medians: "
+          f"inserted {r['replay/inserted_per_s']:.0f}/s, sampled {r['replay/sampled_per_s']:.0f}/s, "
+          f"updated {r['replay/updated_per_s']:.0f}/s, size {r['replay/size']:.0f}", flush=True)
+    ref = run_cpprb(args.size, args.batch, args.seconds)
+    print(f"cpprb PrioritizedReplayBuffer: {ref:.0f} batches/s (sample + update_priorities, in-process)")
+    print(f"replay_batches_per_s={ours:.0f} cpprb_batches_per_s={ref:.0f} ratio={ours / ref:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -209,7 +209,23 @@ def _from_file(cls: type, data: dict[str, Any], role: str, path: str) -> dict[st
     known = all_fields()
     own = {f.name for f in dataclasses.fields(cls)}
     flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    flat.update(data.get(role, {}) if isinstance(data.get(role), dict) else {})
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    for t, table in tables.items():  # every table and key is checked, not only this role's
+        if t not in (*ROLE_CONFIGS, "run"):
+            raise SystemExit(f"--config {path}: unknown table [{t}], expected one of "
+                             f"{[*ROLE_CONFIGS, 'run']}")
+        for k in table:
+            if k not in known:
+                raise SystemExit(f"--config {path}: unknown setting {k!r} in [{t}]")
+    # ./run.sh ("run") hands one flat config to every role, so it takes every role's table.
+    merged: dict[str, Any] = {}
+    for t in ([*ROLE_CONFIGS, "run"] if role == "run" else [role]):
+        for k, v in tables.get(t, {}).items():
+            if t != "run" and k in merged and merged[k] != v:
+                raise SystemExit(f"--config {path}: {k!r} differs between role tables; ./run.sh "
+                                 f"runs every role with one value (put it in [run] or at top level)")
+            merged[k] = v
+    flat.update(merged)
     for k in flat:
         if k not in known:
             raise SystemExit(f"--config {path}: unknown setting {k!r}")
@@ -221,6 +237,11 @@ def _check_value(cls: type, name: str, value: Any) -> Any:
     tp = hints[name]
     if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
         raise SystemExit(f"{_flag(name)}: {value!r} is not one of {list(typing.get_args(tp))}")
+    # File values skip argparse's conversion: check their type here (bool is not a number).
+    ok = {bool: ((bool,), "a boolean"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+          str: ((str,), "a string"), Optional[float]: ((int, float, type(None)), "a number or none")}
+    if tp in ok and (not isinstance(value, ok[tp][0]) or (tp is not bool and isinstance(value, bool))):
+        raise SystemExit(f"{_flag(name)}: {value!r} is not {ok[tp][1]}")
     return value
 
 
@@ -229,6 +250,8 @@ def parse(cls: type, argv: list[str] | None, role: str, prog: str | None = None)
     args = vars(_parser(cls, prog or f"apex-zmq {role}").parse_args(argv))
     path = args.pop("config", None)
     file_values = _from_file(cls, load_file(path), role, path) if path else {}
+    for k, v in file_values.items():  # before the env's preset is looked up
+        _check_value(cls, k, v)
     env = args.get("env", file_values.get("env", Common.env))
     own = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in preset_for(env).items() if k in own}

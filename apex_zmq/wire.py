@@ -25,7 +25,7 @@ MAX_HEADER_BYTES = 1 << 16
 MAX_ARRAYS = 4096
 MAX_OBS_ELEMENTS = 1 << 24
 _OBS_DTYPES = ("uint8", "float32")
-_WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int64")
+_WEIGHT_DTYPES = ("float32", "float16", "int64")  # numpy has no bfloat16: np.dtype() would raise
 
 
 class WireError(ValueError):
@@ -191,7 +191,7 @@ def encode(msg: ExperienceChunk | SampleBatch | PriorityUpdate | Weights | Telem
     if isinstance(msg, PriorityUpdate):
         return _encode_arrays("priorities", _header("priorities", msg.sender, msg.seq), vars(msg))
     if isinstance(msg, Weights):
-        arrays = [np.ascontiguousarray(a) for a in msg.arrays]
+        arrays = [np.asarray(a, order="C") for a in msg.arrays]  # (ascontiguousarray makes 0-d 1-d)
         h = _header("weights", msg.sender, msg.seq, version=int(msg.version),
                     a=[[n, str(a.dtype), list(a.shape)] for n, a in zip(msg.names, arrays)])
         return [msgpack.packb(h, use_bin_type=True)] + [a.data for a in arrays]
@@ -260,8 +260,9 @@ def _check_transitions(a: dict[str, Any], h: dict[str, Any]) -> int:
     off = a["frame_offsets"]
     m = len(off) - 1
     _need(m >= 1, "frame table is empty")
-    _need(off[0] == 0 and off[-1] == len(a["frame_data"]) and bool(np.all(np.diff(off) > 0)),
-          "frame offsets must rise from 0 to the data length")
+    # Every offset inside [0, data length] first: np.diff of wild int64 offsets wraps around.
+    _need(off[0] == 0 and off[-1] == len(a["frame_data"]) and bool(np.all((off >= 0) & (off <= off[-1])))
+          and bool(np.all(np.diff(off) > 0)), "frame offsets must rise from 0 to the data length")
     for name in ("obs_idx", "next_idx"):
         _need(n == 0 or (a[name].min() >= 0 and a[name].max() < m), f"{name} outside the frame table")
     _need(n == 0 or a["action"].min() >= 0, "negative action")
@@ -279,7 +280,8 @@ def decode_experience(frames: Frames) -> ExperienceChunk:
     h = _parse_header(frames, "experience")
     shape, dtype = _obs_spec(h)
     a = _decode_arrays("experience", h, frames)
-    _check_transitions(a, h)
+    n = _check_transitions(a, h)
+    _need(len(a["priority"]) == n, f"priority has {len(a['priority'])} entries, expected {n}")
     _check_priorities(a["priority"])
     return ExperienceChunk(sender=h["s"], seq=h["q"], obs_shape=shape, obs_dtype=dtype, **a)
 

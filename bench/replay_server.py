@@ -27,63 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import endpoint_flags, free_port_base  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, endpoints, free_port_base, producer, real_chunks, wait_for_metric  # noqa: E402
 
 ENV = "ALE/Pong-v5"
-
-
-def real_chunks(count: int, envs: int = 32) -> list:
-    """``count`` real experience chunks from Pong (actor core, random Q values)."""
-    import torch
-
-    from apex_zmq import config as C
-    from apex_zmq.actor import ActorCore
-    cfg = C.resolve(C.parse(C.ActorConfig, ["--env", ENV, "--run-dir", tempfile.gettempdir(),
-                                            "--envs-per-actor", str(envs), "--env-threads", "2"], "actor"))
-    core = ActorCore(cfg)
-    n_actions = core.spec.num_actions
-    core.policy = lambda obs: torch.randn(len(obs), n_actions)
-    chunks = []
-    while len(chunks) < count:
-        c = core.step()
-        if c is not None:
-            chunks.append(c)
-    core.env.close()
-    return chunks
-
-
-def producer(endpoint: str, pool_chunks: int, fill: int, rate: float, throttle: mp.Event,
-             stop: mp.Event, out: mp.Queue) -> None:
-    """Push ``fill`` transitions as fast as possible, then ``rate`` transitions/s until stopped."""
-    import zmq
-
-    from apex_zmq.wire import encode
-    chunks = real_chunks(pool_chunks)
-    n_per = [len(c.action) for c in chunks]
-    pool = [encode(c) for c in chunks]
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDHWM, 64)
-    push.connect(endpoint)
-    sent, i = 0, 0
-    out.put(("pool", sum(n_per)))
-    while sent < fill and not stop.is_set():
-        push.send_multipart(pool[i % len(pool)], copy=False)
-        sent += n_per[i % len(pool)]
-        i += 1
-    throttle.wait()
-    t0, steady = time.monotonic(), 0
-    while not stop.is_set():
-        push.send_multipart(pool[i % len(pool)], copy=False)
-        steady += n_per[i % len(pool)]
-        i += 1
-        ahead = t0 + steady / rate - time.monotonic()
-        if ahead > 0:
-            stop.wait(ahead)  # paced, not a busy wait
-    out.put(("producer_rate", steady / (time.monotonic() - t0)))
-    push.close()
 
 
 def consumer(samples: str, priorities: str, start: mp.Event, stop: mp.Event, out: mp.Queue) -> None:
@@ -113,30 +60,18 @@ def consumer(samples: str, priorities: str, start: mp.Event, stop: mp.Event, out
     out.put(("consumer_batches_per_s", counted / (time.monotonic() - t0) if t0 else 0.0))
 
 
-def watch_size(tel, target: int, timeout: float) -> dict:
-    """Telemetry reports until replay/size reaches ``target``; returns the last metrics."""
-    from apex_zmq.wire import decode_telemetry
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if tel.poll(1000):
-            m = decode_telemetry(tel.recv_multipart()).metrics
-            if m.get("replay/size", 0) >= target:
-                return m
-    raise RuntimeError(f"replay did not reach {target} transitions in {timeout:.0f}s")
-
-
 def run_system(size: int, batch: int, rate: float, seconds: float) -> tuple[float, dict]:
     """Batches/s of the replay server process at ``size`` transitions under load."""
     import zmq
 
     from apex_zmq.wire import decode_telemetry
     base = free_port_base()
-    flags = endpoint_flags(base)
-    ep = dict(zip(flags[0::2], flags[1::2]))
+    ep = endpoints(base)
+    flags = [x for k, v in ep.items() for x in (f"--{k}", v)]
     ctx = zmq.Context.instance()
     tel = ctx.socket(zmq.SUB)
     tel.setsockopt(zmq.SUBSCRIBE, b"")
-    tel.bind(ep["--telemetry"])
+    tel.bind(ep["telemetry"])
     spawn = mp.get_context("spawn")
     throttle, start, stop, out = spawn.Event(), spawn.Event(), spawn.Event(), spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,13 +79,13 @@ def run_system(size: int, batch: int, rate: float, seconds: float) -> tuple[floa
             [sys.executable, "-m", "apex_zmq.replay_server", "--env", ENV, "--run-dir", tmp, *flags,
              "--capacity", str(size), "--min-size", str(size), "--batch-size", str(batch),
              "--telemetry-period", "1"], cwd=ROOT)
-        prod = spawn.Process(target=producer, args=(ep["--experience"], 40, size, rate, throttle, stop, out))
-        cons = spawn.Process(target=consumer, args=(ep["--samples"], ep["--priorities"], start, stop, out))
+        prod = spawn.Process(target=producer, args=(ENV, ep["experience"], 40, size, rate, throttle, stop, out))
+        cons = spawn.Process(target=consumer, args=(ep["samples"], ep["priorities"], start, stop, out))
         prod.start()
         cons.start()
         try:
             t0 = time.monotonic()
-            watch_size(tel, size, timeout=600)
+            wait_for_metric(tel, "replay/size", size, timeout=600)
             print(f"filled {size} transitions in {time.monotonic() - t0:.0f}s", flush=True)
             throttle.set()
             time.sleep(3)  # let the paced producer and sampling settle
@@ -185,7 +120,7 @@ def run_cpprb(size: int, batch: int, seconds: float) -> float:
         raise SystemExit("cpprb is needed for the reference: .venv/bin/pip install -r requirements-bench.txt")
 
     from apex_zmq.wire import decompress_frames
-    chunks = real_chunks(8)
+    chunks = real_chunks(ENV, 8)
     frames = np.concatenate([decompress_frames(c.frame_data, c.frame_offsets, c.obs_shape, c.obs_dtype)
                              for c in chunks])
     rb = PrioritizedReplayBuffer(size, {"obs": {"shape": (4, 84, 84), "dtype": np.uint8},

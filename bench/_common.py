@@ -1,0 +1,94 @@
+"""Helpers shared by the benchmarks: real Atari chunks, ports, telemetry."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (str(ROOT), str(ROOT / "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from conftest import endpoint_flags, free_port_base  # noqa: E402,F401
+
+
+def real_chunks(env: str, count: int, envs: int = 32) -> list:
+    """``count`` real experience chunks from ``env``, made by the actor's own core.
+
+    Random Q values stand in for the network (a random policy that still goes through the epsilon
+    ladder, n-step returns, priorities and lz4), so the frames are real game frames.
+    """
+    import torch
+
+    from apex_zmq import config as C
+    from apex_zmq.actor import ActorCore
+    cfg = C.resolve(C.parse(C.ActorConfig, ["--env", env, "--run-dir", tempfile.gettempdir(),
+                                            "--envs-per-actor", str(envs), "--env-threads", "2"], "actor"))
+    core = ActorCore(cfg)
+    n_actions = core.spec.num_actions
+    core.policy = lambda obs: torch.randn(len(obs), n_actions)
+    chunks = []
+    try:
+        while len(chunks) < count:
+            c = core.step()
+            if c is not None:
+                chunks.append(c)
+    finally:
+        core.env.close()
+    return chunks
+
+
+def endpoints(base: int) -> dict[str, str]:
+    """Endpoint by name (experience, samples, ...) for ports from ``base``."""
+    flags = endpoint_flags(base)
+    return {k.lstrip("-"): v for k, v in zip(flags[0::2], flags[1::2])}
+
+
+def wait_for_metric(tel, key: str, target: float, timeout: float) -> dict:
+    """Read telemetry until ``key`` >= ``target``; returns that report's metrics."""
+    from apex_zmq.wire import decode_telemetry
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if tel.poll(1000):
+            m = decode_telemetry(tel.recv_multipart()).metrics
+            if m.get(key, float("-inf")) >= target:
+                return m
+    raise RuntimeError(f"{key} did not reach {target} in {timeout:.0f}s")
+
+
+def producer(env: str, endpoint: str, pool_chunks: int, fill: int, rate: float,
+             throttle, stop, out) -> None:
+    """A process body: push ``fill`` transitions as fast as possible, then, once ``throttle`` is
+    set, ``rate`` transitions/s until ``stop`` (multiprocessing Events); results go to ``out``.
+
+    A pool of ``pool_chunks`` real chunks is encoded once and resent.
+    """
+    import zmq
+
+    from apex_zmq.wire import encode
+    chunks = real_chunks(env, pool_chunks)
+    n_per = [len(c.action) for c in chunks]
+    pool = [encode(c) for c in chunks]
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 64)
+    push.connect(endpoint)
+    sent, i = 0, 0
+    out.put(("pool", sum(n_per)))
+    while sent < fill and not stop.is_set():
+        push.send_multipart(pool[i % len(pool)], copy=False)
+        sent += n_per[i % len(pool)]
+        i += 1
+    throttle.wait()
+    t0, steady = time.monotonic(), 0
+    while not stop.is_set():
+        push.send_multipart(pool[i % len(pool)], copy=False)
+        steady += n_per[i % len(pool)]
+        i += 1
+        ahead = t0 + steady / rate - time.monotonic()
+        if ahead > 0:
+            stop.wait(ahead)  # paced, not a busy wait
+    out.put(("producer_rate", steady / (time.monotonic() - t0)))
+    push.close()

@@ -1,0 +1,127 @@
+"""Learner training steps/s inside the running system against the same step standalone.
+
+System: a real replay server process holding real Pong transitions (a producer process keeps
+inserting at ``--insert-rate`` transitions/s, like a few actors) and the real learner program
+(``python -m apex_zmq.learner``: samples over ZeroMQ, loader threads that decode, decompress and
+stack, the double-DQN step, priorities back, weight snapshots). Its steps/s is read from its own
+telemetry (median of the per-second reports over ``--seconds``, after a warm-up).
+
+Standalone: the same ``DQNLearner`` step (same network, batch size, torch threads) in this process
+on pre-made tensors (one real sampled batch, decompressed once), no I/O at all.
+
+On this CPU machine the defaults are the Nature dueling CNN at batch 32 with 2 torch threads
+(the batch-512 CNN step takes over a second on 2 cores).
+
+    .venv/bin/python bench/learner_pipeline.py [--batch 32] [--threads 2]
+
+Last line: ``learner_steps_per_s=<x> standalone_steps_per_s=<y> efficiency=<x/y>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, endpoints, free_port_base, producer, real_chunks, wait_for_metric  # noqa: E402
+
+ENV = "ALE/Pong-v5"
+
+
+def in_system(batch: int, threads: int, fill: int, rate: float, seconds: float) -> tuple[float, float]:
+    """Median learner steps/s and wait fraction reported by the learner program in a live system."""
+    import zmq
+
+    from apex_zmq.wire import decode_telemetry
+    ep = endpoints(free_port_base())
+    flags = [x for k, v in ep.items() for x in (f"--{k}", v)]
+    tel = zmq.Context.instance().socket(zmq.SUB)
+    tel.setsockopt(zmq.SUBSCRIBE, b"")
+    tel.bind(ep["telemetry"])
+    spawn = mp.get_context("spawn")
+    throttle, stop, out = spawn.Event(), spawn.Event(), spawn.Queue()
+    procs: list = []
+    with tempfile.TemporaryDirectory() as tmp:
+        common = ["--env", ENV, "--run-dir", tmp, *flags, "--batch-size", str(batch)]
+        try:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "apex_zmq.replay_server", *common, "--capacity", str(fill),
+                 "--min-size", str(fill)], cwd=ROOT))
+            prod = spawn.Process(target=producer, args=(ENV, ep["experience"], 40, fill, rate, throttle, stop, out))
+            prod.start()
+            wait_for_metric(tel, "replay/size", fill, timeout=300)
+            throttle.set()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "apex_zmq.learner", *common, "--torch-threads", str(threads),
+                 "--device", "cpu", "--checkpoint-period", "1e9"], cwd=ROOT))
+            wait_for_metric(tel, "learner/steps", 20, timeout=300)  # warm-up
+            rates, waits = [], []
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end:
+                if tel.poll(500):
+                    t = decode_telemetry(tel.recv_multipart())
+                    if t.role == "learner":
+                        rates.append(t.metrics["learner/steps_per_s"])
+                        waits.append(t.metrics["perf/learner_wait_fraction"])
+            return statistics.median(rates), statistics.median(waits)
+        finally:
+            stop.set()
+            for p in procs:
+                p.terminate()
+                p.wait(30)
+            prod.join(30)
+
+
+def standalone(batch: int, threads: int, seconds: float) -> float:
+    """Steps/s of the same training step on pre-made tensors."""
+    import torch
+
+    from apex_zmq import config as C
+    from apex_zmq.dqn import DQNLearner, batch_from_sample
+    from apex_zmq.envs import env_spec
+    from apex_zmq.networks import build_network
+    from apex_zmq.replay import PrioritizedReplay
+    torch.set_num_threads(threads)
+    cfg = C.resolve(C.parse(C.LearnerConfig, ["--env", ENV], "learner"))
+    spec = env_spec(ENV)
+    replay = PrioritizedReplay(100_000)
+    for c in real_chunks(ENV, 4):
+        replay.add(c)
+    b = batch_from_sample(replay.sample(batch, 0.4), spec.num_actions, torch.device("cpu"))
+    learner = DQNLearner(build_network(spec, cfg.hidden), cfg.optimizer, cfg.lr, cfg.target_update,
+                         cfg.grad_clip)
+    for _ in range(5):
+        learner.step(b)
+    n, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        learner.step(b)
+        n += 1
+    return n / (time.monotonic() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the learner")
+    ap.add_argument("--fill", type=int, default=50_000, help="transitions in the replay")
+    ap.add_argument("--insert-rate", type=float, default=1000.0, help="transitions/s while measuring")
+    ap.add_argument("--seconds", type=float, default=30.0)
+    args = ap.parse_args()
+    sys_rate, wait = in_system(args.batch, args.threads, args.fill, args.insert_rate, args.seconds)
+    print(f"in the system: {sys_rate:.1f} steps/s (median of per-second reports), "
+          f"waiting for data {wait:.1%} of the time", flush=True)
+    alone = standalone(args.batch, args.threads, args.seconds)
+    print(f"standalone: {alone:.1f} steps/s")
+    print(f"network=Nature dueling CNN batch={args.batch} threads={args.threads} device=cpu")
+    print(f"learner_steps_per_s={sys_rate:.1f} standalone_steps_per_s={alone:.1f} "
+          f"efficiency={sys_rate / alone:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -36,11 +36,13 @@ def ale_game(env_id: str) -> str:
 def make_vector_env(env_id: str, num_envs: int, seed: int, *, train: bool = True,
                     num_threads: int = 0, repeat_action_probability: float = 0.0,
                     full_action_space: bool = False, max_frames: int = 108_000,
-                    noop_max: int = 30) -> gym.vector.VectorEnv:
+                    noop_max: int = 30, render_mode: str | None = None) -> gym.vector.VectorEnv:
     """``num_envs`` copies of ``env_id`` as one vector env with next-step autoreset.
 
     Atari uses ale-py's C++ ``AtariVectorEnv`` (84x84 grey, frame-skip 4 with max-pool, 4-frame
     stack, no-op and fire resets, reward clipping; episodic life when training, as DQN does).
+    ``max_frames`` caps an episode in emulator frames (agent steps x 4). ``render_mode`` applies to
+    gymnasium envs only (the Atari vector env renders nothing; its observations are the frames).
     """
     if is_atari(env_id):
         import ale_py
@@ -53,7 +55,8 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, *, train: bool = True
             full_action_space=full_action_space, max_num_frames_per_episode=max_frames,
             noop_max=noop_max)
     else:
-        env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(num_envs)],
+        env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id, render_mode=render_mode)
+                                        for _ in range(num_envs)],
                                        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     env.reset(seed=seed)
     return env

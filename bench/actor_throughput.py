@@ -1,13 +1,15 @@
 """Agent steps/s of one real actor process on Atari, next to bare ``AtariVectorEnv`` stepping.
 
-The actor is the real program (``python -m apex_zmq.actor``): K envs stepped by ale-py's native
-vector env with ``--env-threads`` threads, the Nature dueling CNN run on the whole batch every step
-with ``--torch-threads`` threads, n-step returns and initial priorities, lz4 compression, encoding and
+The actor is the real program (``python -m apex_zmq.actor``): K envs in ``--groups`` ale-py native
+vector envs of ``--env-threads`` threads each (one group steps while the network acts on the other),
+the Nature dueling CNN (acting copy in bf16 where the CPU has it) run on each group's batch with
+``--torch-threads`` threads, n-step returns and initial priorities, lz4 compression, encoding and
 sending chunks to a PULL socket held by this benchmark, which counts the transitions that arrive.
-The reference steps the same ``AtariVectorEnv`` (same K, same threads) with random actions, in the
-same run. The two alternate ``--rounds`` times and the medians are compared.
+The reference steps one ``AtariVectorEnv`` of the same K with ``groups x env-threads`` threads (the
+same env threads in all) with random actions, in the same run. The two alternate ``--rounds`` times
+and the medians are compared.
 
-    .venv/bin/python bench/actor_throughput.py [--env ALE/Pong-v5] [--envs 32] [--threads 2]
+    .venv/bin/python bench/actor_throughput.py [--env ALE/Pong-v5] [--envs 32] [--groups 2] [--env-threads 1]
 
 Last line: ``actor_steps_per_s=<x> ratio_to_bare_env=<y>``.
 """
@@ -50,7 +52,8 @@ def bare_env_rate(env_id: str, envs: int, threads: int, seconds: float) -> float
         env.close()
 
 
-def actor_rate(env_id: str, envs: int, threads: int, seconds: float, warmup: float) -> float:
+def actor_rate(env_id: str, envs: int, groups: int, env_threads: int, torch_threads: int,
+               seconds: float, warmup: float) -> float:
     """Agent steps/s of the real actor process, counted as transitions arriving at a PULL socket."""
     base = free_port_base()
     ctx = zmq.Context.instance()
@@ -59,8 +62,8 @@ def actor_rate(env_id: str, envs: int, threads: int, seconds: float, warmup: flo
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(
             [sys.executable, "-m", "apex_zmq.actor", "--env", env_id, "--run-dir", tmp,
-             *endpoint_flags(base), "--envs-per-actor", str(envs), "--env-threads", str(threads),
-             "--torch-threads", str(threads), "--num-actors", "1"],
+             *endpoint_flags(base), "--envs-per-actor", str(envs), "--env-threads", str(env_threads),
+             "--env-groups", str(groups), "--torch-threads", str(torch_threads), "--num-actors", "1"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
             poller = zmq.Poller()
@@ -98,17 +101,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--env", default="ALE/Pong-v5")
     ap.add_argument("--envs", type=int, default=32, help="K: envs per actor")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--groups", type=int, default=2, help="env groups in the actor")
+    ap.add_argument("--env-threads", type=int, default=1, help="ale-py threads per group")
+    ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     actor, bare = [], []
     for r in range(args.rounds):
-        bare.append(bare_env_rate(args.env, args.envs, args.threads, args.seconds))
-        actor.append(actor_rate(args.env, args.envs, args.threads, args.seconds, warmup=3.0))
+        bare.append(bare_env_rate(args.env, args.envs, args.groups * args.env_threads, args.seconds))
+        actor.append(actor_rate(args.env, args.envs, args.groups, args.env_threads, args.torch_threads,
+                                args.seconds, warmup=3.0))
         print(f"round {r + 1}: bare env {bare[-1]:.0f} steps/s, actor {actor[-1]:.0f} steps/s", flush=True)
     a, b = statistics.median(actor), statistics.median(bare)
-    print(f"env={args.env} K={args.envs} threads={args.threads} network=Nature dueling CNN (hidden 512)")
+    print(f"env={args.env} K={args.envs} groups={args.groups} env_threads/group={args.env_threads} "
+          f"torch_threads={args.torch_threads} bare env threads={args.groups * args.env_threads} "
+          f"network=Nature dueling CNN (hidden 512)")
     print(f"actor_steps_per_s={a:.0f} ratio_to_bare_env={a / b:.2f}")
 
 

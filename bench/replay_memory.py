@@ -110,7 +110,7 @@ def fill(env: str, transitions: int, envs: int) -> tuple[int, int, float]:
                 pass
             seconds = time.monotonic() - t0
             push.close()
-            core.env.close()
+            core.close()
             return server.settle_rss(), size, seconds
         finally:
             server.close()

@@ -37,6 +37,21 @@ def test_acting_network_matches_and_follows_sync(spec: EnvSpec, hidden: int) -> 
         torch.testing.assert_close(acting(x), net(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("spec,hidden", [(ATARI, 512), (VECTOR, 64)])
+def test_bf16_acting_network_is_close_to_float32(spec: EnvSpec, hidden: int) -> None:
+    torch.manual_seed(1)
+    net = build_network(spec, hidden).eval()
+    acting = ActingNetwork(net, dtype=torch.bfloat16)
+    x = _obs(spec, 64, np.random.default_rng(1))
+    with torch.no_grad():
+        q, ref = acting(x), net(x)
+    assert q.dtype == torch.float32 and acting.head.weight.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: errors of a few 1e-3 of the Q scale, not more.
+    scale = ref.abs().max()
+    assert (q - ref).abs().max() <= 0.03 * scale
+    assert not torch.equal(q, ref)  # really ran in bf16
+
+
 def test_load_arrays_rejects_wrong_shapes() -> None:
     net = build_network(VECTOR, 64)
     names, arrays = state_arrays(build_network(VECTOR, 32))

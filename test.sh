@@ -15,4 +15,10 @@ if [ ! -x /usr/bin/chromium ]; then
          "the dashboard's browser test will be skipped" >&2
   fi
 fi
+# The Slurm test submits a real sbatch job to a one-node cluster on this machine (Debian's slurmctld
+# and slurmd); daemons do not outlive a session, so they are (re)started here, as root only.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -z "${APEX_NO_SLURM:-}" ]; then
+  deploy/slurm/single-node-cluster.sh >&2 \
+    || echo "test.sh: no single-node Slurm here: the real sbatch test will be skipped" >&2
+fi
 exec "$VENV/bin/python" -m pytest "$@"

@@ -45,12 +45,16 @@ class PrioritizedReplay:
         self.rng = np.random.default_rng(seed)
         self.ids = np.full(capacity, -1, dtype=np.int64)
         self.chunk = np.full(capacity, -1, dtype=np.int64)
-        self.obs_idx = np.zeros(capacity, dtype=np.int32)
-        self.next_idx = np.zeros(capacity, dtype=np.int32)
+        # Byte range of each item's observation and bootstrap observation inside its chunk's blob
+        # (sampling slices blobs with these, no per-frame Python objects or offset tables kept).
+        self.obs_lo = np.zeros(capacity, dtype=np.int32)
+        self.obs_hi = np.zeros(capacity, dtype=np.int32)
+        self.next_lo = np.zeros(capacity, dtype=np.int32)
+        self.next_hi = np.zeros(capacity, dtype=np.int32)
         self.action = np.zeros(capacity, dtype=np.int32)
         self.ret = np.zeros(capacity, dtype=np.float32)
         self.disc = np.zeros(capacity, dtype=np.float32)
-        self._chunks: dict[int, tuple[bytes, np.ndarray]] = {}
+        self._chunks: dict[int, bytes] = {}  # chunk id -> its lz4 blobs end to end
         self._live: dict[int, int] = {}
         self._next_chunk = 0
         self.next_id = 0
@@ -86,13 +90,17 @@ class PrioritizedReplay:
         cid = self._next_chunk
         self._next_chunk += 1
         data = bytes(chunk.frame_data)
-        self._chunks[cid] = (data, np.array(chunk.frame_offsets, dtype=np.int64))
+        if len(data) >= 1 << 31:
+            raise ValueError(f"a chunk of {len(data)} bytes: chunks must stay under 2 GiB")
+        off = np.asarray(chunk.frame_offsets, dtype=np.int64)
+        self._chunks[cid] = data
         self._live[cid] = n_keep
         self.stored_bytes += len(data)
         self.ids[slots] = ids
         self.chunk[slots] = cid
-        self.obs_idx[slots] = chunk.obs_idx[keep]
-        self.next_idx[slots] = chunk.next_idx[keep]
+        oi, ni = chunk.obs_idx[keep], chunk.next_idx[keep]
+        self.obs_lo[slots], self.obs_hi[slots] = off[oi], off[oi + 1]
+        self.next_lo[slots], self.next_hi[slots] = off[ni], off[ni + 1]
         self.action[slots] = chunk.action[keep]
         self.ret[slots] = chunk.ret[keep]
         self.disc[slots] = chunk.disc[keep]
@@ -107,7 +115,7 @@ class PrioritizedReplay:
             left = self._live[cid] - c
             if left == 0:
                 del self._live[cid]
-                self.stored_bytes -= len(self._chunks.pop(cid)[0])
+                self.stored_bytes -= len(self._chunks.pop(cid))
             else:
                 self._live[cid] = left
 
@@ -126,18 +134,19 @@ class PrioritizedReplay:
         return self._gather(slots, importance_weights(prios, total, self.size, beta), seq)
 
     def _gather(self, slots: np.ndarray, weights: np.ndarray, seq: int) -> SampleBatch:
-        # One frame table for the batch, each distinct observation once.
-        cids = self.chunk[slots]
-        keys = np.concatenate([cids << 32 | self.obs_idx[slots], cids << 32 | self.next_idx[slots]])
-        uniq, inverse = np.unique(keys, return_inverse=True)
-        blobs = []
-        for key in uniq.tolist():
-            data, off = self._chunks[key >> 32]
-            j = key & 0xFFFFFFFF
-            blobs.append(memoryview(data)[off[j]:off[j + 1]])
-        offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in blobs], out=offsets[1:])
+        # One frame table for the batch, each distinct observation once. A frame is identified by
+        # its chunk and byte offset; the slicing loop below is the only per-frame Python work.
         b = len(slots)
+        cids = self.chunk[slots]
+        lo = np.concatenate([self.obs_lo[slots], self.next_lo[slots]]).astype(np.int64)
+        hi = np.concatenate([self.obs_hi[slots], self.next_hi[slots]])
+        uniq, first, inverse = np.unique(np.concatenate([cids, cids]) << 32 | lo, return_index=True,
+                                         return_inverse=True)
+        chunks = self._chunks
+        blobs = [chunks[c][s:e] for c, s, e in zip((uniq >> 32).tolist(), (uniq & 0xFFFFFFFF).tolist(),
+                                                   hi[first].tolist())]
+        offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+        np.cumsum(hi[first] - lo[first], out=offsets[1:])
         return SampleBatch(
             seq=seq, obs_shape=self.obs_shape, obs_dtype=self.obs_dtype,
             frame_data=b"".join(blobs), frame_offsets=offsets,
@@ -160,7 +169,7 @@ class PrioritizedReplay:
 
     # ----------------------------------------------------------------------- snapshots
 
-    _SLOT_ARRAYS = ("ids", "chunk", "obs_idx", "next_idx", "action", "ret", "disc")
+    _SLOT_ARRAYS = ("ids", "chunk", "obs_lo", "obs_hi", "next_lo", "next_hi", "action", "ret", "disc")
 
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy of the replay's state, cheap enough to take between two messages.
@@ -186,9 +195,8 @@ class PrioritizedReplay:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {k: v for k, v in state.items() if k != "chunks"}
-        for i, (data, offsets) in enumerate(state["chunks"]):
-            arrays[f"c{i}_data"] = np.frombuffer(data, dtype=np.uint8)
-            arrays[f"c{i}_offsets"] = offsets
+        for i, data in enumerate(state["chunks"]):
+            arrays[f"c{i}"] = np.frombuffer(data, dtype=np.uint8)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -213,8 +221,8 @@ class PrioritizedReplay:
                 getattr(r, k)[:] = z[f"slot_{k}"]
             r.tree.set(np.arange(capacity), z["leaves"])
             for i, (cid, live) in enumerate(zip(z["chunk_ids"].tolist(), z["chunk_live"].tolist())):
-                data = z[f"c{i}_data"].tobytes()
-                r._chunks[cid] = (data, z[f"c{i}_offsets"].astype(np.int64))
+                data = z[f"c{i}"].tobytes()
+                r._chunks[cid] = data
                 r._live[cid] = live
                 r.stored_bytes += len(data)
         return r

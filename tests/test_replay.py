@@ -375,13 +375,13 @@ def test_snapshot_round_trip_restores_items_priorities_and_frames(tmp_path) -> N
     before_ids = r.ids.copy()
     live = np.arange(16, 56)
     before_prios = r.priorities(live)
-    before_frames = {int(i): bytes(r._chunks[int(r.chunk[i % 40])][0]) for i in live}
+    before_frames = {int(i): r._chunks[int(r.chunk[i % 40])] for i in live}
     r.add(_snapshot_chunk(rng, 8, seed=99))
     back = PrioritizedReplay.load_snapshot(path, 40, 0.6, seed=1)
     assert back.size == 40 and back.next_id == 56
     np.testing.assert_array_equal(back.ids, before_ids)
     np.testing.assert_array_equal(back.priorities(live), before_prios)
-    assert all(bytes(back._chunks[int(back.chunk[i % 40])][0]) == blob for i, blob in before_frames.items())
+    assert all(back._chunks[int(back.chunk[i % 40])] == blob for i, blob in before_frames.items())
     assert back.tree.total > 0 and back.stored_bytes > 0
     # Sampling from the restored replay gives the same frames as the original for the same items.
     b = back.sample(16, beta=0.4)

@@ -9,10 +9,12 @@ telemetry (median of the per-second reports over ``--seconds``, after a warm-up)
 Standalone: the same ``DQNLearner`` step (same network, batch size, torch threads) in this process
 on pre-made tensors (one real sampled batch, decompressed once), no I/O at all.
 
-On this CPU machine the defaults are the Nature dueling CNN at batch 32 with 2 torch threads
-(the batch-512 CNN step takes over a second on 2 cores).
+On this CPU machine the defaults are the Nature dueling CNN at batch 32 with 1 torch thread (the
+batch-512 CNN step takes over a second on 2 cores). With 2 torch threads on a 2-core machine the
+training step competes with the replay server, the producer and the loader for the second core:
+that measures the machine's size, not the pipeline (BENCHMARKS.md gives both).
 
-    .venv/bin/python bench/learner_pipeline.py [--batch 32] [--threads 2]
+    .venv/bin/python bench/learner_pipeline.py [--batch 32] [--threads 1]
 
 Last line: ``learner_steps_per_s=<x> standalone_steps_per_s=<y> efficiency=<x/y>``.
 """
@@ -48,10 +50,10 @@ def in_system(batch: int, threads: int, fill: int, rate: float, seconds: float) 
     throttle, stop, out = spawn.Event(), spawn.Event(), spawn.Queue()
     procs: list = []
     with tempfile.TemporaryDirectory() as tmp:
-        common = ["--env", ENV, "--run-dir", tmp, *flags, "--batch-size", str(batch)]
+        common = ["--env", ENV, "--run-dir", tmp, *flags]  # the replay server sets the batch size
         try:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "apex_zmq.replay_server", *common, "--capacity", str(fill),
+                [sys.executable, "-m", "apex_zmq.replay_server", *common, "--batch-size", str(batch), "--capacity", str(fill),
                  "--min-size", str(fill)], cwd=ROOT))
             prod = spawn.Process(target=producer, args=(ENV, ep["experience"], 40, fill, rate, throttle, stop, out))
             prod.start()
@@ -108,7 +110,7 @@ def standalone(batch: int, threads: int, seconds: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the learner")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the learner")
     ap.add_argument("--fill", type=int, default=50_000, help="transitions in the replay")
     ap.add_argument("--insert-rate", type=float, default=1000.0, help="transitions/s while measuring")
     ap.add_argument("--seconds", type=float, default=30.0)

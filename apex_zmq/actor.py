@@ -14,37 +14,94 @@ import zmq
 from . import config as C
 from .envs import env_spec, make_vector_env
 from .exploration import actor_epsilons, epsilon_greedy
-from .networks import ActingNetwork, build_network, load_arrays
+from .networks import ActingNetwork, acting_dtype, build_network, load_arrays
 from .nstep import SegmentBuffer
 from .transport import Sockets, call_in_loop, install_stop, recv_latest, run_role
-from .wire import ExperienceChunk, Telemetry, WireError, compress_obs, decode_weights, encode, frame_table
+from .wire import MAX_EPISODES, ExperienceChunk, Telemetry, WireError, compress_obs, decode_weights, encode, frame_table
+
+
+class _Stepper:
+    """``send``/``recv`` over a vector env: ale-py's own (non-blocking send) or a plain ``step``."""
+
+    def __init__(self, env) -> None:
+        self.env = env
+        self.native = hasattr(env, "send") and hasattr(env, "recv")
+        self._actions: np.ndarray | None = None
+
+    def send(self, actions: np.ndarray) -> None:
+        if self.native:
+            self.env.send(actions)  # returns at once: ale-py's threads step while we do other work
+        else:
+            self._actions = actions
+
+    def recv(self) -> tuple:
+        return self.env.recv() if self.native else self.env.step(self._actions)
+
+
+class EnvGroup:
+    """A slice of the actor's env slots stepped as one vector env, with its own n-step segment."""
+
+    def __init__(self, env, first: int, eps: np.ndarray, seg: SegmentBuffer, obs: np.ndarray) -> None:
+        self.env = env
+        self.stepper = _Stepper(env)
+        self.first = first  # index of this group's first env within the actor
+        self.eps = eps
+        self.seg = seg
+        self.obs = obs
+        k = len(eps)
+        self.actions = np.zeros(k, dtype=np.int64)
+        self.in_flight = False
+        self.valid = np.ones(k, dtype=bool)
+        self.ep_return = np.zeros(k)
+        self.ep_length = np.zeros(k, dtype=np.int64)
 
 
 class ActorCore:
-    """Everything an actor does except I/O: step envs, act, build chunks, track episodes."""
+    """Everything an actor does except I/O: step envs, act, build chunks, track episodes.
+
+    The K envs are split into ``cfg.env_groups`` groups, each its own ale-py vector env. Groups are
+    served round robin: while one group's envs step in ale-py's C++ threads (``send`` returns at
+    once), the Q network runs on the next group's observations, so env stepping and inference
+    overlap instead of taking turns on the cores.
+    """
 
     def __init__(self, cfg: C.ActorConfig) -> None:
         self.cfg = cfg
         self.spec = env_spec(cfg.env)
         self.name = f"actor-{cfg.actor_index}"
         seed = cfg.seed + 1000 * cfg.actor_index
-        self.env = make_vector_env(cfg.env, cfg.envs_per_actor, seed, train=True,
-                                   num_threads=cfg.env_threads)
+        K = cfg.envs_per_actor
         self.net = build_network(self.spec, cfg.hidden).eval()
-        self.policy = ActingNetwork(self.net)
-        self.eps = actor_epsilons(cfg.actor_index, cfg.envs_per_actor, cfg.num_actors,
-                                  cfg.eps_base, cfg.eps_alpha)
+        self.policy = ActingNetwork(self.net, acting_dtype(cfg.acting_dtype))
+        eps = actor_epsilons(cfg.actor_index, K, cfg.num_actors, cfg.eps_base, cfg.eps_alpha)
         self.rng = np.random.default_rng(seed)
-        self.seg = SegmentBuffer(cfg.envs_per_actor, cfg.chunk_steps, cfg.n_step, cfg.gamma,
-                                 self.spec.num_actions)
-        self.obs, _ = self.env.reset(seed=seed)
-        self.valid = np.ones(cfg.envs_per_actor, dtype=bool)
-        self.ep_return = np.zeros(cfg.envs_per_actor)
-        self.ep_length = np.zeros(cfg.envs_per_actor, dtype=np.int64)
+        g = max(1, min(cfg.env_groups, K)) if self.spec.atari else 1  # gymnasium envs have no async send
+        bounds = np.linspace(0, K, g + 1).astype(int)
+        self.groups: list[EnvGroup] = []
+        for i in range(g):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            env = make_vector_env(cfg.env, hi - lo, seed + lo, train=True, num_threads=cfg.env_threads)
+            obs, _ = env.reset(seed=seed + lo)
+            seg = SegmentBuffer(hi - lo, cfg.chunk_steps, cfg.n_step, cfg.gamma, self.spec.num_actions)
+            self.groups.append(EnvGroup(env, lo, eps[lo:hi], seg, obs))
+        self.eps = eps
+        self._next = 0
         self.episodes: list[dict[str, float]] = []
         self.weights_version = -1
-        self.steps = 0
+        self.agent_steps = 0
         self.seq = 0
+
+    @property
+    def steps(self) -> int:
+        """Vector steps of all K envs so far."""
+        return self.agent_steps // self.cfg.envs_per_actor
+
+    def close(self) -> None:
+        """Close every env (after waiting for steps in flight)."""
+        for grp in self.groups:
+            if grp.in_flight:
+                grp.stepper.recv()
+            grp.env.close()
 
     def set_weights(self, names: list[str], arrays: list[np.ndarray], version: int) -> None:
         """Adopt newer network weights."""
@@ -54,42 +111,52 @@ class ActorCore:
 
     @torch.inference_mode()
     def step(self) -> ExperienceChunk | None:
-        """One vector step of all K envs; returns a chunk when a segment fills."""
-        q = self.policy(torch.as_tensor(self.obs)).numpy()
-        self.seg.add_obs(compress_obs(self.obs), q)
-        chunk = self._chunk() if self.seg.full else None
-        actions = epsilon_greedy(q, self.eps, self.rng)
-        self.obs, rewards, term, trunc, _ = self.env.step(actions)
-        self.seg.add_step(actions, rewards, term, trunc, self.valid)
-        self._track_episodes(rewards, term | trunc)
-        self.valid = ~(term | trunc)  # the step after an episode end is an autoreset step
-        self.steps += 1
+        """One step of the next group of envs; returns a chunk when that group's segment fills."""
+        grp = self.groups[self._next]
+        self._next = (self._next + 1) % len(self.groups)
+        if grp.in_flight:
+            self._observe(grp)
+        q = self.policy(torch.as_tensor(grp.obs)).numpy()
+        grp.seg.add_obs(compress_obs(grp.obs), q)
+        chunk = self._chunk(grp) if grp.seg.full else None
+        grp.actions = epsilon_greedy(q, grp.eps, self.rng)
+        grp.stepper.send(grp.actions)
+        grp.in_flight = True
         return chunk
 
-    def _chunk(self) -> ExperienceChunk:
-        f = self.seg.emit()
+    def _observe(self, grp: EnvGroup) -> None:
+        obs, rewards, term, trunc, _ = grp.stepper.recv()
+        grp.obs = obs
+        grp.seg.add_step(grp.actions, rewards, term, trunc, grp.valid)
+        self._track_episodes(grp, rewards, term | trunc)
+        grp.valid = ~(term | trunc)  # the step after an episode end is an autoreset step
+        grp.in_flight = False
+        self.agent_steps += len(grp.eps)
+
+    def _chunk(self, grp: EnvGroup) -> ExperienceChunk:
+        f = grp.seg.emit()
         data, offsets = frame_table(f.pop("blobs"))
         self.seq += 1
         return ExperienceChunk(sender=self.name, seq=self.seq, obs_shape=self.spec.obs_shape,
                                obs_dtype=self.spec.obs_dtype, frame_data=data, frame_offsets=offsets, **f)
 
-    def _track_episodes(self, rewards: np.ndarray, done: np.ndarray) -> None:
-        live = self.valid
-        self.ep_return += np.where(live, rewards, 0.0)
-        self.ep_length += live
-        base = self.cfg.actor_index * self.cfg.envs_per_actor
+    def _track_episodes(self, grp: EnvGroup, rewards: np.ndarray, done: np.ndarray) -> None:
+        live = grp.valid
+        grp.ep_return += np.where(live, rewards, 0.0)
+        grp.ep_length += live
+        base = self.cfg.actor_index * self.cfg.envs_per_actor + grp.first
         for k in np.nonzero(done & live)[0]:
-            self.episodes.append({"slot": base + int(k), "epsilon": float(self.eps[k]),
-                                  "return": float(self.ep_return[k]), "length": int(self.ep_length[k])})
-            self.ep_return[k] = 0.0
-            self.ep_length[k] = 0
+            self.episodes.append({"slot": base + int(k), "epsilon": float(grp.eps[k]),
+                                  "return": float(grp.ep_return[k]), "length": int(grp.ep_length[k])})
+            grp.ep_return[k] = 0.0
+            grp.ep_length[k] = 0
 
 
 async def main_async(cfg: C.ActorConfig) -> None:
     """Wire the actor core to its sockets and run until stopped."""
     torch.set_num_threads(cfg.torch_threads)
     core = ActorCore(cfg)
-    socks = Sockets(cfg.insecure)
+    socks = Sockets(cfg.insecure, cfg.keys)
     exp = socks.connect(zmq.PUSH, cfg.experience, hwm=8)
     weights = socks.connect(zmq.SUB, cfg.weights, hwm=2, subscribe=True)
     tel = socks.connect(zmq.PUB, cfg.telemetry, hwm=100)
@@ -122,16 +189,19 @@ async def main_async(cfg: C.ActorConfig) -> None:
                 pending[:] = [w]
 
     async def report() -> None:
+        skip = 4 if core.spec.atari else 1  # env frames per agent step (ALE frame-skip)
         last, last_steps = time.monotonic(), 0
         while True:
             await asyncio.sleep(cfg.telemetry_period)
             now = time.monotonic()
-            sps = (core.steps - last_steps) * cfg.envs_per_actor / (now - last)
-            last, last_steps = now, core.steps
-            episodes, core.episodes = core.episodes, []
+            sps = (core.agent_steps - last_steps) / (now - last)
+            last, last_steps = now, core.agent_steps
+            # The decoder accepts at most MAX_EPISODES per report: the rest waits for the next one.
+            episodes, core.episodes = core.episodes[:MAX_EPISODES], core.episodes[MAX_EPISODES:]
             await tel.send_multipart(encode(Telemetry(
                 sender=core.name, seq=core.seq, role="actor", time=time.time(), episodes=episodes,
-                metrics={"actor/steps_per_s": sps, "actor/frames": core.steps * cfg.envs_per_actor,
+                metrics={"actor/steps_per_s": sps, "actor/frames_per_s": sps * skip,
+                         "actor/agent_steps": core.agent_steps, "actor/frames": core.agent_steps * skip,
                          "actor/weights_version": core.weights_version,
                          "actor/rejected": counters["rejected"]})))
 
@@ -139,7 +209,7 @@ async def main_async(cfg: C.ActorConfig) -> None:
         await run_role(stop, [receive_weights(), report()], [stepping])
     finally:
         socks.close()
-        core.env.close()
+        core.close()
 
 
 def main(argv: list[str] | None = None) -> None:

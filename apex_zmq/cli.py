@@ -11,6 +11,9 @@ COMMANDS = {
     "replay_server": ("apex_zmq.replay_server", "the replay server"),
     "learner": ("apex_zmq.learner", "the learner"),
     "evaluator": ("apex_zmq.evaluator", "the evaluator"),
+    "relay": ("apex_zmq.relay", "per-host weights relay: one learner subscription for all of a host's actors"),
+    "play": ("apex_zmq.play", "evaluate a checkpoint over N seeded episodes (stats, CSV, video)"),
+    "keys": ("apex_zmq.keys", "create the CURVE keys of a deployment (then pass --keys DIR to every role)"),
 }
 ALIASES = {"replay": "replay_server", "replay-server": "replay_server"}
 

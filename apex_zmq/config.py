@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORTS = {"experience": 5551, "samples": 5552, "priorities": 5553, "weights": 5554,
                  "telemetry": 5555}
+RELAY_PORT = 5556  # a relay's local weights endpoint (not one of the five: ./run.sh starts no relay)
 
 
 def endpoint(host: str, port: int) -> str:
@@ -55,6 +56,8 @@ class Common:
     telemetry: str = _f(endpoint(LOOPBACK, DEFAULT_PORTS["telemetry"]),
                         "every role -> evaluator telemetry endpoint (bound by the evaluator)")
     insecure: bool = _f(False, "allow binding a non-loopback address without CURVE keys")
+    keys: str = _f("", "CURVE key directory from `apex-zmq keys DIR`: every socket is then encrypted "
+                       "and only authorized client keys may connect (empty: no CURVE)")
     hidden: int = _f(512, "hidden units of the dueling head (and of the MLP torso)")
     n_step: int = _f(3, "steps in the n-step return")
     gamma: float = _f(0.99, "discount per agent step")
@@ -73,7 +76,11 @@ class ActorConfig(Common):
     eps_base: float = _f(0.4, "epsilon ladder base (Ape-X: 0.4)")
     eps_alpha: float = _f(7.0, "epsilon ladder exponent (Ape-X: 7)")
     chunk_steps: int = _f(16, "vector-env steps per experience chunk (chunk = steps x envs transitions)")
-    env_threads: int = _f(1, "ale-py threads stepping this actor's envs")
+    env_threads: int = _f(1, "ale-py threads stepping each env group of this actor")
+    env_groups: int = _f(2, "Atari: groups the K envs are split into; one group steps while the "
+                            "network acts on the next (1: no overlap)")
+    acting_dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto", "dtype of the actor's network copy (auto: bfloat16 on CPUs with native bf16)")
     max_actor_steps: int = _f(0, "stop after this many vector steps (0: run until stopped)")
 
 
@@ -88,6 +95,8 @@ class ReplayConfig(Common):
     batch_size: int = _f(512, "transitions per sampled batch")
     min_size: int = _f(50_000, "transitions stored before sampling starts")
     prefetch: int = _f(4, "sampled batches queued towards the learner (send high-water mark)")
+    snapshot_period: float = _f(0.0, "seconds between atomic replay snapshots to <run_dir>/replay/"
+                                     "snapshot.npz, restored when the server restarts (0: off)")
 
 
 @dataclass
@@ -102,6 +111,8 @@ class LearnerConfig(Common):
     checkpoint_period: float = _f(60.0, "seconds between checkpoints")
     loader_threads: int = _f(2, "threads decoding and decompressing batches ahead of training")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "training device")
+    amp: Literal["auto", "on", "off"] = _f("auto", "bf16 mixed precision and channels-last convolutions "
+                                                   "(auto: on for cuda)")
     max_learner_steps: int = _f(0, "stop after this many learner steps (0: run until stopped)")
 
 
@@ -112,8 +123,28 @@ class EvaluatorConfig(Common):
     eval_episodes: int = _f(10, "episodes per evaluation (run side by side)")
     eval_period: float = _f(30.0, "seconds between evaluations")
     eval_epsilon: float = _f(0.001, "epsilon during evaluation")
+    eval_protocol: Literal["classic", "sticky", "saber"] = _f(
+        "classic", "Atari evaluation protocol: classic (up to 30 no-op starts, 108k-frame cap, minimal "
+                   "actions), sticky (ALE v5: repeat-action probability 0.25), saber (sticky, 18 actions, "
+                   "ends after 5 min without reward, 100 h cap, 5/30-min returns); other envs: plain")
+    eval_max_frames: int = _f(0, "cap on an Atari evaluation episode in emulator frames, 4 per agent step "
+                                 "(0: the protocol's cap)")
     stop_at_return: Optional[float] = _f(None, "stop the run when the mean evaluation return reaches this")
     report_period: float = _f(5.0, "seconds between progress lines on the terminal")
+    dashboard_host: str = _f(LOOPBACK, "address the dashboard's HTTP server binds (a non-loopback one "
+                                       "needs --insecure: the page has no authentication)")
+    dashboard_port: int = _f(8080, "dashboard port (0: any free port; a taken port also falls back to a "
+                                   "free one); the URL is printed and written to <run_dir>/dashboard.url")
+    heartbeat_timeout: float = _f(10.0, "seconds of silence after which the dashboard marks a role down")
+    ladder_window: int = _f(10, "recent episodes per env slot averaged on the dashboard's epsilon ladder")
+
+
+@dataclass
+class RelayConfig(Common):
+    """A weights relay on one actor host: one subscription to the learner, re-published locally."""
+
+    relay_weights: str = _f(endpoint(LOOPBACK, RELAY_PORT),
+                            "endpoint the relay binds for this host's actors and evaluator (their --weights)")
 
 
 @dataclass
@@ -127,6 +158,8 @@ class LaunchConfig(ActorConfig, ReplayConfig, LearnerConfig, EvaluatorConfig):
 
 ROLE_CONFIGS: dict[str, type] = {"actor": ActorConfig, "replay_server": ReplayConfig,
                                  "learner": LearnerConfig, "evaluator": EvaluatorConfig}
+# Programs run on their own only: ./run.sh (one host) neither starts them nor takes their flags.
+STANDALONE_CONFIGS: dict[str, type] = {"relay": RelayConfig}
 
 # Presets by env: values that make each family train well out of the box.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -159,7 +192,7 @@ def resolve(cfg: Any) -> Any:
 def all_fields() -> dict[str, dataclasses.Field]:
     """Every field of every config class, by name (shared names have one meaning)."""
     out: dict[str, dataclasses.Field] = {}
-    for cls in (*ROLE_CONFIGS.values(), LaunchConfig):
+    for cls in (*ROLE_CONFIGS.values(), *STANDALONE_CONFIGS.values(), LaunchConfig):
         for f in dataclasses.fields(cls):
             out.setdefault(f.name, f)
     return out
@@ -211,9 +244,9 @@ def _from_file(cls: type, data: dict[str, Any], role: str, path: str) -> dict[st
     flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
     for t, table in tables.items():  # every table and key is checked, not only this role's
-        if t not in (*ROLE_CONFIGS, "run"):
+        if t not in (*ROLE_CONFIGS, *STANDALONE_CONFIGS, "run"):
             raise SystemExit(f"--config {path}: unknown table [{t}], expected one of "
-                             f"{[*ROLE_CONFIGS, 'run']}")
+                             f"{[*ROLE_CONFIGS, *STANDALONE_CONFIGS, 'run']}")
         for k in table:
             if k not in known:
                 raise SystemExit(f"--config {path}: unknown setting {k!r} in [{t}]")
@@ -277,6 +310,13 @@ def validate(cfg: Any) -> None:
         need(0 <= cfg.actor_index < cfg.num_actors, "actor_index",
              f"must be in [0, {cfg.num_actors}), got {cfg.actor_index}")
         need(cfg.chunk_steps >= 1, "chunk_steps", f"must be >= 1, got {cfg.chunk_steps}")
+    if isinstance(cfg, RelayConfig):
+        # Same endpoint both ways: the relay would bind the learner's port or subscribe to itself.
+        need(cfg.relay_weights != cfg.weights, "relay_weights",
+             f"must differ from --weights (the learner's endpoint), both are {cfg.weights}")
+    if isinstance(cfg, EvaluatorConfig):
+        need(cfg.eval_episodes >= 1, "eval_episodes", f"must be >= 1, got {cfg.eval_episodes}")
+        need(cfg.eval_max_frames >= 0, "eval_max_frames", f"must be >= 0, got {cfg.eval_max_frames}")
     if isinstance(cfg, ReplayConfig):
         need(cfg.capacity >= cfg.batch_size, "capacity",
              f"must be at least --batch-size ({cfg.batch_size}), got {cfg.capacity}")

@@ -27,8 +27,13 @@ class Batch:
 
 
 def batch_from_sample(s: SampleBatch, num_actions: int, device: torch.device,
-                      pin: bool = False, channels_last: bool = False) -> Batch:
-    """Decompress a sample's frame table and build tensors; WireError if the sample is inconsistent."""
+                      pin: bool = False, channels_last: bool = False,
+                      obs_spec: tuple[tuple[int, ...], str] | None = None) -> Batch:
+    """Decompress a sample's frame table and build tensors; WireError if the sample is inconsistent
+    (or, given ``obs_spec`` = (shape, dtype), if its observations are not the env's)."""
+    if obs_spec is not None and (tuple(s.obs_shape), s.obs_dtype) != (tuple(obs_spec[0]), obs_spec[1]):
+        raise WireError(f"observations {s.obs_dtype}{list(s.obs_shape)}, the network takes "
+                        f"{obs_spec[1]}{list(obs_spec[0])}")
     if len(s.action) and int(s.action.max()) >= num_actions:
         raise WireError(f"action {int(s.action.max())} outside [0, {num_actions})")
     frames = torch.from_numpy(decompress_frames(s.frame_data, s.frame_offsets, s.obs_shape, s.obs_dtype))

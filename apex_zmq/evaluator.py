@@ -16,11 +16,17 @@ import zmq
 
 from . import config as C
 from .envs import env_spec, make_vector_env
+from .checkpoint import save_atomic
+from .play import best_checkpoint, best_path, best_score
+from .protocols import Evaluation, evaluate_policy, protocol_for
 from .exploration import epsilon_greedy
+from .dashboard.curves import write_learning_curves
+from .dashboard.server import Dashboard
 from .logger import Logger
+from .monitor import CsvFollower, RunMonitor
 from .networks import build_network, load_arrays
 from .transport import Sockets, install_stop, recv_latest, run_role
-from .wire import Telemetry, Weights, WireError, decode_telemetry, decode_weights
+from .wire import Weights, WireError, decode_weights
 
 
 @dataclass
@@ -35,68 +41,28 @@ class EvalResult:
         return float(self.returns.mean())
 
 
-@torch.no_grad()
-def evaluate(net: torch.nn.Module, env_id: str, episodes: int, epsilon: float, seed: int) -> EvalResult:
-    """Play ``episodes`` episodes side by side (one env each) and return their scores."""
-    env = make_vector_env(env_id, episodes, seed, train=False)
-    try:
-        obs, _ = env.reset(seed=seed)
-        rng = np.random.default_rng(seed)
-        eps = np.full(episodes, epsilon)
-        returns = np.zeros(episodes)
-        lengths = np.zeros(episodes, dtype=np.int64)
-        running = np.ones(episodes, dtype=bool)
-        while running.any():
-            actions = epsilon_greedy(net(torch.as_tensor(obs)).numpy(), eps, rng)
-            obs, r, term, trunc, _ = env.step(actions)
-            returns += np.where(running, r, 0.0)
-            lengths += running
-            running &= ~(term | trunc)
-        return EvalResult(returns, lengths)
-    finally:
-        env.close()
+def evaluate(net: torch.nn.Module, env_id: str, episodes: int, epsilon: float, seed: int,
+             protocol: str = "classic", max_frames: int = 0) -> Evaluation:
+    """Play ``episodes`` episodes side by side (env i seeded ``seed + i``) and return their scores.
+
+    Atari plays under the named protocol (see ``protocols``; ``max_frames`` > 0 overrides its frame
+    cap); other envs play their own episodes. ``Evaluation`` has ``returns``, ``lengths`` and ``mean``
+    as ``EvalResult`` had, plus the protocol, seeds, HNS and SABER's 5/30-minute returns.
+    """
+    return evaluate_policy(net, env_id, episodes, epsilon, seed, protocol_for(env_id, protocol),
+                           max_frames=max_frames)
 
 
-class RunMonitor:
-    """What the evaluator knows about the run: latest metrics and heartbeats of every role."""
+CURVE_MIN_INTERVAL_S = 5.0  # learning-curve files are redrawn at most this often (matplotlib takes ~0.3 s)
 
-    def __init__(self, logger: Logger) -> None:
-        self.logger = logger
-        self.metrics: dict[str, float] = {}
-        self.heartbeat: dict[str, float] = {}
-        self.rejected = 0
-        self.last_eval: dict[str, float] = {}
 
-    def on_telemetry(self, frames: list) -> None:
-        """Log a role's report; a malformed one is dropped and counted."""
-        try:
-            t = decode_telemetry(frames)
-        except WireError:
-            self.rejected += 1
-            return
-        self.heartbeat[t.sender] = time.time()
-        metrics = {k: v for k, v in t.metrics.items() if k.startswith(f"{t.role}/") or k.startswith("perf/")}
-        if t.role == "actor":  # one actor's rate among many: keep it per sender
-            self.metrics[f"{t.sender}/steps_per_s"] = metrics.get("actor/steps_per_s", 0.0)
-            metrics["actor/steps_per_s"] = sum(v for k, v in self.metrics.items() if k.endswith("/steps_per_s")
-                                               and k.startswith("actor-"))
-        self.metrics.update(metrics)
-        step = int(self.metrics.get("learner/steps", 0))
-        if metrics:
-            self.logger.write(metrics, step)
-        if t.episodes:
-            self.logger.rows("actor_episodes", [{"time": t.time, "actor": t.sender, **e} for e in t.episodes])
-            self.logger.write({"actor/episode_return": float(np.mean([e["return"] for e in t.episodes]))}, step)
-
-    def progress_line(self, elapsed: float) -> str:
-        """One line: time, evaluation, learner, replay, actors."""
-        m = self.metrics
-        ev = self.last_eval
-        eval_part = f"eval {ev['mean']:.1f} (v{int(ev['version'])})" if ev else "eval -"
-        return (f"[{elapsed:7.1f}s] {eval_part} | learner {m.get('learner/steps', 0):.0f} steps "
-                f"{m.get('learner/steps_per_s', 0):.0f}/s loss {m.get('learner/loss', float('nan')):.3g} | "
-                f"replay {m.get('replay/size', 0):.0f} +{m.get('replay/inserted_per_s', 0):.0f}/s | "
-                f"actors {m.get('actor/steps_per_s', 0):.0f} steps/s")
+def _write_url(run_dir: str, url: str) -> Path:
+    # Atomically: ./run.sh and tests poll for this file and must never read half a URL.
+    path = Path(run_dir, "dashboard.url")
+    tmp = path.with_name("dashboard.url.tmp")
+    tmp.write_text(url + "\n")
+    tmp.replace(path)
+    return path
 
 
 async def main_async(cfg: C.EvaluatorConfig) -> None:
@@ -105,15 +71,19 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
     spec = env_spec(cfg.env)
     net = build_network(spec, cfg.hidden).eval()
     logger = Logger(cfg.run_dir)
-    monitor = RunMonitor(logger)
-    socks = Sockets(cfg.insecure)
+    started = time.time()
+    monitor = RunMonitor(logger, num_slots=cfg.num_actors * cfg.envs_per_actor,
+                         heartbeat_timeout=cfg.heartbeat_timeout, ladder_window=cfg.ladder_window,
+                         started=started, info={"env": cfg.env, "run_dir": str(Path(cfg.run_dir).resolve())})
+    # Before any socket: a refused dashboard address exits here, naming the flag to use.
+    dashboard = Dashboard(lambda: monitor.state(time.time()), cfg.dashboard_host, cfg.insecure)
+    socks = Sockets(cfg.insecure, cfg.keys)
     tel = socks.bind(zmq.SUB, cfg.telemetry, hwm=1000)
     tel.setsockopt(zmq.SUBSCRIBE, b"")
     weights = socks.connect(zmq.SUB, cfg.weights, hwm=2, subscribe=True)
     stop = asyncio.Event()
     install_stop(stop)
     loop = asyncio.get_running_loop()
-    started = time.time()
     latest: list[Weights] = []
     fresh = threading.Event()   # newer weights arrived
     halt = threading.Event()    # stop, as seen from the evaluation thread
@@ -134,6 +104,9 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
 
     def evaluation() -> None:
         # CPU-bound episodes off the event loop; one evaluation per period with the newest weights.
+        protocol = protocol_for(cfg.env, cfg.eval_protocol)
+        best_file = best_path(cfg.run_dir)
+        best = best_score(best_file, protocol.name)  # a restarted evaluator keeps the run's best
         n = 0
         while not halt.is_set():
             fresh.wait()
@@ -142,19 +115,27 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
                 continue
             w = latest[0]
             load_arrays(net, w.names, w.arrays)
-            res = evaluate(net, cfg.env, cfg.eval_episodes, cfg.eval_epsilon, cfg.seed + 7919 * n)
+            res = evaluate(net, cfg.env, cfg.eval_episodes, cfg.eval_epsilon, cfg.seed + 7919 * n,
+                           protocol.name, cfg.eval_max_frames)
             n += 1
             state["evaluated_version"] = w.version
             now = time.time()
-            summary = {"time": now, "elapsed_s": now - started, "learner_steps": w.version,
-                       "mean": res.mean, "std": float(res.returns.std()), "min": float(res.returns.min()),
-                       "max": float(res.returns.max()), "episodes": len(res.returns)}
-            monitor.last_eval = {"mean": res.mean, "version": w.version}
+            stats = res.summary()  # protocol, episodes, mean, std, min, max (+ hns, return_5min/30min)
+            summary = {"time": now, "elapsed_s": now - started, "learner_steps": w.version, **stats}
+            monitor.last_eval = {"mean": res.mean, "version": w.version,
+                                 **({"hns": stats["hns"]} if "hns" in stats else {})}
             logger.rows("eval", [summary])
-            logger.rows("eval_episodes", [{"time": now, "learner_steps": w.version, "episode": i,
-                                           "return": float(r), "length": int(l)}
-                                          for i, (r, l) in enumerate(zip(res.returns, res.lengths))])
-            logger.write({"eval/return_mean": res.mean, "eval/return_max": summary["max"]}, w.version)
+            logger.rows("eval_episodes", [{"time": now, "learner_steps": w.version, "protocol": res.protocol,
+                                           **row} for row in res.rows()])
+            scalars = {"eval/return_mean": res.mean, "eval/return_max": stats["max"]}
+            if "hns" in stats and not np.isnan(stats["hns"]):
+                scalars["eval/hns"] = stats["hns"]
+            for name, _ in protocol.score_marks:
+                scalars[f"eval/{name}"] = stats[name]
+            logger.write(scalars, w.version)
+            if res.mean > best:  # these weights are the run's best so far: keep them for `play`
+                best = res.mean
+                save_atomic(best_checkpoint(net, cfg.env, cfg.hidden, w.version, res), best_file)
             if cfg.stop_at_return is not None and res.mean >= cfg.stop_at_return:
                 state["reached"] = True
                 Path(cfg.run_dir, "finished.json").write_text(json.dumps(summary))
@@ -163,15 +144,46 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
                 return
             halt.wait(cfg.eval_period)
 
+    async def follow_evals() -> None:
+        # The dashboard and the learning-curve files show eval.csv as it grows (with the rows of
+        # earlier sessions of a resumed run), whatever the evaluation protocol writes into it.
+        evals = CsvFollower(Path(cfg.run_dir, "eval.csv"))
+        drawn, drawn_at, png_note = 0, 0.0, False
+        while True:
+            monitor.on_eval_rows(evals.poll())
+            if len(monitor.evals) > drawn and time.monotonic() - drawn_at >= CURVE_MIN_INTERVAL_S:
+                drawn, drawn_at = len(monitor.evals), time.monotonic()
+                try:
+                    png = await asyncio.to_thread(write_learning_curves, cfg.run_dir, list(monitor.evals), cfg.env)
+                except OSError as e:  # a full disk must not stop the evaluations
+                    print(f"evaluator: cannot write the learning curve: {e}", flush=True)
+                    png = True
+                if not png and not png_note:
+                    png_note = True
+                    print("evaluator: matplotlib is not installed: learning_curve.png is not drawn "
+                          "(learning_curve.html is)", flush=True)
+            await asyncio.sleep(1.0)
+
     async def report() -> None:
+        # On a terminal the status line is rewritten in place; into a pipe or a log, one line each time.
+        live = sys.stdout.isatty()
         while True:
             await asyncio.sleep(cfg.report_period)
-            print(monitor.progress_line(time.time() - started), flush=True)
+            line = monitor.progress_line(time.time())
+            print(f"\r\x1b[K{line}" if live else line, end="" if live else "\n", flush=True)
+            # Malformed telemetry and weights dropped so far (a climbing count: a bad or hostile peer).
+            logger.write({"eval/rejected": monitor.rejected}, int(monitor.metrics.get("learner/steps", 0)))
 
+    await dashboard.start(cfg.dashboard_port)
+    url_file = _write_url(cfg.run_dir, dashboard.url)
+    print(f"evaluator: dashboard at {dashboard.url}"
+          + (f" (port {cfg.dashboard_port} is taken)" if dashboard.fell_back else ""), flush=True)
     try:
-        await run_role(stop, [receive_telemetry(), receive_weights(), report()], [evaluation],
+        await run_role(stop, [receive_telemetry(), receive_weights(), follow_evals(), report()], [evaluation],
                        on_stop=[halt, fresh])
     finally:
+        url_file.unlink(missing_ok=True)  # no stale address for the next session to find
+        await dashboard.close()
         socks.close()
         logger.close()
 

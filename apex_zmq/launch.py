@@ -36,15 +36,29 @@ class Role:
     pump: threading.Thread | None = field(default=None, repr=False)
 
 
+def _is_status(line: bytes) -> bool:
+    """The evaluator's periodic status lines start with the elapsed time, ``[h:mm:ss]``."""
+    return line.startswith(b"[") and line[1:2].isdigit()
+
+
 def _pump(stream: IO[bytes], log: Path, echo: bool) -> None:
-    # Role output goes to its log file; the evaluator's progress lines also reach the terminal.
+    # Role output goes to its log file; the evaluator's lines also reach the terminal, where its
+    # status line is rewritten in place (one live line, not a wall of logs).
+    tty = echo and sys.stdout.isatty()
+    pending_status = False
     with open(log, "ab") as f:
         for line in iter(stream.readline, b""):
             f.write(line)
             f.flush()
-            if echo:
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
+            if not echo:
+                continue
+            if tty and _is_status(line):
+                sys.stdout.buffer.write(b"\r\x1b[K" + line.rstrip(b"\n"))
+                pending_status = True
+            else:
+                sys.stdout.buffer.write((b"\n" if pending_status else b"") + line)
+                pending_status = False
+            sys.stdout.flush()
 
 
 class Supervisor:
@@ -52,10 +66,21 @@ class Supervisor:
 
     HEALTHY_AFTER_S = 60.0
 
-    def __init__(self, roles: list[Role], max_restarts: int) -> None:
+    def __init__(self, roles: list[Role], max_restarts: int, state_path: Path | None = None) -> None:
         self.roles = roles
         self.max_restarts = max_restarts
+        self.state_path = state_path  # roles.json: who runs as which pid, for operators and tests
         self.stopping = threading.Event()
+
+    def write_state(self) -> None:
+        """Write each role's pid and restart count to ``roles.json`` (atomically)."""
+        if self.state_path is None:
+            return
+        state = {r.name: {"pid": r.proc.pid if r.proc is not None and r.proc.poll() is None else None,
+                          "restarts": r.total_restarts, "log": str(r.log)} for r in self.roles}
+        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.state_path)
 
     def start(self, role: Role) -> None:
         """Start (or restart) one role."""
@@ -65,6 +90,7 @@ class Supervisor:
         role.started = time.monotonic()
         role.pump = threading.Thread(target=_pump, args=(role.proc.stdout, role.log, role.echo), daemon=True)
         role.pump.start()
+        self.write_state()
 
     def poll(self) -> str | None:
         """Check every role once; returns 'finished', 'failed' or None (still running)."""
@@ -92,6 +118,7 @@ class Supervisor:
             role.total_restarts += 1
             role.proc = None
             role.next_start = now + delay
+            self.write_state()
         return None
 
     def stop_all(self, timeout: float = 15.0) -> None:
@@ -127,6 +154,14 @@ def build_roles(cfg: C.LaunchConfig, config_path: Path) -> list[Role]:
     return roles
 
 
+def _dashboard_address(cfg: C.LaunchConfig) -> str:
+    """Where the evaluator will serve the dashboard, as far as the flags say."""
+    if not cfg.dashboard_port:
+        return "on a free port"
+    host = f"[{cfg.dashboard_host}]" if ":" in cfg.dashboard_host else cfg.dashboard_host
+    return f"http://{host or '0.0.0.0'}:{cfg.dashboard_port}/"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every role of one training run on this machine until done, failed or interrupted."""
     cfg = C.parse(C.LaunchConfig, argv, "run", prog="./run.sh")
@@ -140,13 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     (run_dir / "finished.json").unlink(missing_ok=True)
     config_path = C.save(cfg, cfg.run_dir, "config")
     roles = build_roles(cfg, config_path)
-    sup = Supervisor(roles, cfg.max_restarts)
+    sup = Supervisor(roles, cfg.max_restarts, run_dir / "roles.json")
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     print(f"run.sh: {cfg.env} with {cfg.num_actors} actor process(es) x {cfg.envs_per_actor} envs"
           f"{' (resuming)' if resume else ''}\n"
           f"run.sh: run directory {run_dir.resolve()}\n"
           f"run.sh: role logs in {run_dir.resolve() / 'logs'}; metrics in metrics.csv, eval.csv; "
           f"TensorBoard: tensorboard --logdir {run_dir.resolve() / 'tb'}\n"
+          f"run.sh: dashboard {_dashboard_address(cfg)} (the evaluator prints the address it serves, "
+          f"also in {run_dir.resolve() / 'dashboard.url'}; learning curve in learning_curve.html/.png)\n"
           f"run.sh: Ctrl-C stops every role", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -35,8 +35,13 @@ class LearnerCore:
         self.cfg = cfg
         self.spec = env_spec(cfg.env)
         self.device = pick_device(cfg.device)
+        self.amp = cfg.amp == "on" or (cfg.amp == "auto" and self.device.type == "cuda")
+        # channels-last lets cuDNN pick its fastest (tensor-core) convolutions under mixed precision.
+        self.channels_last = self.amp and self.spec.atari
         net = build_network(self.spec, cfg.hidden).to(self.device)
-        self.learner = DQNLearner(net, cfg.optimizer, cfg.lr, cfg.target_update, cfg.grad_clip)
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.learner = DQNLearner(net, cfg.optimizer, cfg.lr, cfg.target_update, cfg.grad_clip, amp=self.amp)
         self.ckpt_path = checkpoint.last_path(cfg.run_dir)
         self.resumed_from = -1
         if self.ckpt_path.exists():
@@ -66,7 +71,7 @@ async def main_async(cfg: C.LearnerConfig) -> None:
     core = LearnerCore(cfg)
     if core.resumed_from >= 0:
         print(f"learner: resumed from {core.ckpt_path} at step {core.resumed_from}", flush=True)
-    socks = Sockets(cfg.insecure)
+    socks = Sockets(cfg.insecure, cfg.keys)
     samples = socks.connect(zmq.PULL, cfg.samples, hwm=2)
     prios = socks.connect(zmq.PUSH, cfg.priorities, hwm=64)
     weights = socks.bind(zmq.PUB, cfg.weights, hwm=4)
@@ -89,7 +94,8 @@ async def main_async(cfg: C.LearnerConfig) -> None:
         while (frames := get_until(raw_q, stop)) is not None:
             try:
                 b = batch_from_sample(decode_sample(frames), core.spec.num_actions, core.device,
-                                      pin=core.device.type == "cuda")
+                                      pin=core.device.type == "cuda", channels_last=core.channels_last,
+                                      obs_spec=(core.spec.obs_shape, core.spec.obs_dtype))
             except WireError:
                 counts["rejected"] += 1
                 continue

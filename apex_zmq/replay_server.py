@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from pathlib import Path
 
 import zmq
 
@@ -26,7 +27,17 @@ class ReplayService:
         self.cfg = cfg
         spec = env_spec(cfg.env)
         self.spec = spec
-        self.replay = PrioritizedReplay(cfg.capacity, cfg.alpha, seed=cfg.seed)
+        self.snapshot_path = Path(cfg.run_dir) / "replay" / "snapshot.npz"
+        if cfg.snapshot_period > 0 and self.snapshot_path.exists():
+            try:
+                self.replay = PrioritizedReplay.load_snapshot(self.snapshot_path, cfg.capacity, cfg.alpha,
+                                                              seed=cfg.seed)
+            except ValueError as e:
+                raise SystemExit(f"replay_server: {e}") from None
+            print(f"replay_server: restored {self.replay.size} transitions from {self.snapshot_path}",
+                  flush=True)
+        else:
+            self.replay = PrioritizedReplay(cfg.capacity, cfg.alpha, seed=cfg.seed)
         self.counts = {"inserted": 0, "sampled": 0, "updated": 0, "rejected_experience": 0,
                        "rejected_priorities": 0}
         self.batches = 0
@@ -73,7 +84,7 @@ class ReplayService:
 async def main_async(cfg: C.ReplayConfig) -> None:
     """Bind the replay server's sockets and serve until stopped."""
     svc = ReplayService(cfg)
-    socks = Sockets(cfg.insecure)
+    socks = Sockets(cfg.insecure, cfg.keys)
     exp = socks.bind(zmq.PULL, cfg.experience, hwm=64)
     samples = socks.bind(zmq.PUSH, cfg.samples, hwm=cfg.prefetch)
     prios = socks.bind(zmq.PULL, cfg.priorities, hwm=64)
@@ -86,8 +97,8 @@ async def main_async(cfg: C.ReplayConfig) -> None:
         while True:
             for _ in range(_FAIRNESS):
                 svc.on_experience(await exp.recv_multipart(copy=False))
-            if svc.ready:
-                ready.set()
+                if svc.ready:  # checked per message: a few large chunks may already be enough
+                    ready.set()
             await asyncio.sleep(0)
 
     async def updates() -> None:
@@ -113,13 +124,25 @@ async def main_async(cfg: C.ReplayConfig) -> None:
             last, prev = now, dict(svc.counts)
             await tel.send_multipart(encode(Telemetry(
                 sender="replay", seq=svc.batches, role="replay", time=time.time(),
-                metrics={**rates, "replay/size": svc.replay.size,
+                metrics={**rates, "replay/size": svc.replay.size, "replay/capacity": cfg.capacity,
+                         "replay/fill": svc.replay.size / cfg.capacity,
                          "replay/stored_mb": svc.replay.stored_bytes / 2**20,
                          "replay/rejected": svc.counts["rejected_experience"] + svc.counts["rejected_priorities"],
+                         "replay/rejected_experience": svc.counts["rejected_experience"],
+                         "replay/rejected_priorities": svc.counts["rejected_priorities"],
+                         "replay/inserted": svc.counts["inserted"], "replay/updated": svc.counts["updated"],
                          "replay/stale_updates": svc.replay.stale_updates})))
 
+    async def snapshots() -> None:
+        # The copy is taken on the loop (consistent), the slow write runs in a thread meanwhile.
+        while True:
+            await asyncio.sleep(cfg.snapshot_period)
+            state = svc.replay.snapshot()
+            await asyncio.to_thread(svc.replay.write_snapshot, state, svc.snapshot_path)
+
+    tasks = [ingest(), updates(), serve(), report()] + ([snapshots()] if cfg.snapshot_period > 0 else [])
     try:
-        await run_role(stop, [ingest(), updates(), serve(), report()])
+        await run_role(stop, tasks)
     finally:
         socks.close()
 

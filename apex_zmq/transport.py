@@ -1,4 +1,16 @@
-"""Socket factory: one place that sets socket options, checks endpoints, and bridges threads to asyncio."""
+"""Socket factory: one place that sets socket options, CURVE security, checks endpoints, and bridges
+threads to asyncio.
+
+Security: with a key directory (``--keys``, see ``apex_zmq.keys``) every socket uses CURVE. A
+socket a role binds is a CURVE server whatever its pattern (the learner's weights PUB and the
+evaluator's telemetry SUB included), and a ZAP authenticator running on the role's event loop admits
+only the client keys in ``DIR/authorized/``; a socket a role connects is a CURVE client that presents
+the client key pair and checks the server public key. Without keys, traffic is unauthenticated, so a
+role binds only loopback addresses unless told ``--insecure``.
+
+Limits on every socket: the maximum frame size, send and receive high-water marks, zero linger, TCP
+keepalive (see ``KEEPALIVE_*`` for why not ZMTP heartbeats) and a fresh pipe per connection.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +19,35 @@ import concurrent.futures
 import ipaddress
 import queue
 import signal
+import sys
 import threading
 from typing import Any, Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
-MAX_MESSAGE_BYTES = 256 << 20  # largest message a bound receiver accepts (a 512 Atari batch is ~15 MB)
-HEARTBEAT_MS = 1000
+from .keys import KeyStore
+
+MAX_MESSAGE_BYTES = 256 << 20  # largest frame any socket accepts (a 512 Atari batch is ~15 MB)
+# Dead peers are found by TCP keepalive (a silent peer is dropped after ~IDLE + CNT x INTVL seconds),
+# not by ZMTP heartbeats: libzmq 4.3.5 aborts the whole process ("Assertion failed: !_io_error",
+# stream_engine_base.cpp) when a heartbeat timer fires on a connection whose reader has stopped
+# (a full pipe: the normal state under backpressure) and whose peer has just reset it.
+# tests/test_fuzz.py::test_stalled_receiver_survives_peers_resetting reproduces it.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, KEEPALIVE_CNT = 10, 5, 3
 
 
 def is_loopback(endpoint: str) -> bool:
-    """True for tcp endpoints on 127.0.0.0/8, ::1 or localhost, and for ipc/inproc."""
-    if not endpoint.startswith("tcp://"):
+    """True for tcp endpoints on 127.0.0.0/8, ::1 or localhost, and for ipc/inproc.
+
+    Any other transport (ws, udp, pgm, ...) counts as non-loopback: it may reach other hosts.
+    """
+    if endpoint.startswith(("ipc://", "inproc://")):
         return True
+    if not endpoint.startswith("tcp://"):
+        return False
     host = urlsplit(endpoint).hostname or ""
     if host == "localhost":
         return True
@@ -31,12 +57,42 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
-class Sockets:
-    """Creates every socket of one role with the project's options, and closes them all at the end."""
+class _AuthorizedKeys:
+    """ZAP credentials provider: admits exactly the z85 client public keys it was given, and says
+    (once per key, in the role's log) which key it refused, so an operator can tell a host with the
+    wrong or a revoked key from a network problem."""
 
-    def __init__(self, insecure: bool = False) -> None:
+    MAX_REPORTED = 64
+
+    def __init__(self, keys: set[bytes], where: str) -> None:
+        self.keys = frozenset(keys)
+        self.where = where
+        self.denied = 0
+        self._reported: set[bytes] = set()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self.keys:
+            return True
+        self.denied += 1
+        if key not in self._reported and len(self._reported) < self.MAX_REPORTED:
+            self._reported.add(key)
+            print(f"transport: refused a CURVE client with key {key.decode(errors='replace')}: not in "
+                  f"{self.where} (further attempts with it are refused silently)", file=sys.stderr, flush=True)
+        return False
+
+
+class Sockets:
+    """Creates every socket of one role with the project's options, and closes them all at the end.
+
+    ``keys``: a key directory from ``apex-zmq keys`` (empty: no CURVE). Must be used from inside the
+    role's running event loop, where the ZAP authenticator runs.
+    """
+
+    def __init__(self, insecure: bool = False, keys: str = "") -> None:
         self.ctx = zmq.asyncio.Context()
         self.insecure = insecure
+        self.keys = KeyStore(keys) if keys else None
+        self._auth: AsyncioAuthenticator | None = None
         self._socks: list[zmq.asyncio.Socket] = []
 
     def _make(self, kind: int, hwm: int) -> zmq.asyncio.Socket:
@@ -44,20 +100,46 @@ class Sockets:
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.RCVHWM, hwm)
-        s.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
+        s.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        s.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+        s.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTVL_S)
+        s.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_CNT)
         s.setsockopt(zmq.RECONNECT_IVL, 100)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        # Every receiver caps the frame size, so a peer cannot make it allocate without bound
+        # (libzmq drops an oversized message and the connection that carried it).
+        s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self._socks.append(s)
         return s
 
+    def _start_auth(self) -> None:
+        # Before the first CURVE server socket exists: libzmq admits any CURVE client when no ZAP
+        # handler is bound in the context, so the authenticator must already be there.
+        if self._auth is None:
+            assert self.keys is not None
+            allowed = self.keys.authorized()
+            auth = AsyncioAuthenticator(self.ctx)
+            auth.start()
+            auth.configure_curve_callback("*", _AuthorizedKeys(allowed, str(self.keys.directory / "authorized")))
+            # No ZAP user id: nothing reads it, and with one libzmq queues a hidden credential entry
+            # that can make a bound PULL report a message that a non-blocking read then lacks.
+            auth.curve_user_id = lambda key: ""
+            self._auth = auth
+
     def bind(self, kind: int, endpoint: str, hwm: int = 100) -> zmq.asyncio.Socket:
-        """A bound socket; refuses a non-loopback address unless the run is marked insecure."""
-        if not is_loopback(endpoint) and not self.insecure:
-            raise SystemExit(f"refusing to bind {endpoint}: a non-loopback address needs CURVE keys, "
-                             "or --insecure to accept unauthenticated traffic on a trusted network")
+        """A bound socket: a CURVE server with keys; without keys, loopback only unless insecure."""
+        if self.keys is None and not is_loopback(endpoint) and not self.insecure:
+            raise SystemExit(f"refusing to bind {endpoint}: a non-loopback address needs CURVE keys "
+                             "(--keys DIR, from `apex-zmq keys DIR`), or --insecure to accept "
+                             "unauthenticated, unencrypted traffic on a network you trust")
+        if self.keys is not None:
+            public, secret = self.keys.server_pair()
+            self._start_auth()
         s = self._make(kind, hwm)
-        s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        if self.keys is not None:
+            s.setsockopt(zmq.CURVE_SERVER, 1)
+            s.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            s.setsockopt(zmq.CURVE_SECRETKEY, secret)
         try:
             s.bind(endpoint)
         except zmq.ZMQError as e:
@@ -66,17 +148,33 @@ class Sockets:
 
     def connect(self, kind: int, endpoint: str, hwm: int = 100,
                 subscribe: bool = False) -> zmq.asyncio.Socket:
-        """A connected socket (SUB sockets subscribe to everything when ``subscribe``)."""
+        """A connected socket (a CURVE client with keys; SUB sockets subscribe to everything when
+        ``subscribe``)."""
+        if self.keys is not None:  # keys first: a missing key exits before any socket exists
+            public, secret = self.keys.client_pair()
+            server_public = self.keys.server_public()
         s = self._make(kind, hwm)
+        # A fresh pipe per connection: libzmq (4.3.5) otherwise re-attaches a new connection to the
+        # pipe the old one left full, and reading that pipe can then abort the process ("Assertion
+        # failed: _input_stopped", libzmq issue #3937; seen here with ZMTP heartbeats on). Sends
+        # block until connected; what was queued for a dropped connection is dropped with it.
+        s.setsockopt(zmq.IMMEDIATE, 1)
+        if self.keys is not None:
+            s.setsockopt(zmq.CURVE_SERVERKEY, server_public)
+            s.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            s.setsockopt(zmq.CURVE_SECRETKEY, secret)
         if subscribe:
             s.setsockopt(zmq.SUBSCRIBE, b"")
         s.connect(endpoint)
         return s
 
     def close(self) -> None:
-        """Close all sockets and the context without waiting for unsent messages."""
+        """Close all sockets, the authenticator and the context without waiting for unsent messages."""
         for s in self._socks:
             s.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         self.ctx.term()
 
 

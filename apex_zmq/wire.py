@@ -21,8 +21,11 @@ import msgpack
 import numpy as np
 
 SCHEMA_VERSION = 1
-MAX_HEADER_BYTES = 1 << 16
+# Fits a telemetry report with the most episodes the decoder takes (4096, ~64 bytes each): an actor
+# stepping short episodes fast (CartPole at the start) filled 64 KiB in one report, which was dropped.
+MAX_HEADER_BYTES = 1 << 20
 MAX_ARRAYS = 4096
+MAX_EPISODES = 4096  # finished episodes in one telemetry report
 MAX_OBS_ELEMENTS = 1 << 24
 _OBS_DTYPES = ("uint8", "float32")
 _WEIGHT_DTYPES = ("float32", "float16", "int64")  # numpy has no bfloat16: np.dtype() would raise
@@ -156,7 +159,8 @@ _SCHEMAS: dict[str, dict[str, str]] = {
                "ids": "int64", "weight": "float32"},
     "priorities": {"ids": "int64", "priority": "float32"},
 }
-ROLES = ("actor", "replay", "learner", "evaluator", "launcher")
+ROLES = ("actor", "replay", "learner", "evaluator", "launcher", "relay")
+EPISODE_KEYS = ("slot", "epsilon", "return", "length")  # one finished training episode in telemetry
 
 
 def _header(t: str, sender: str, seq: int, **extra: Any) -> dict[str, Any]:
@@ -210,6 +214,16 @@ def _need(cond: bool, what: str) -> None:
         raise WireError(what)
 
 
+def _is_number(x: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+def _is_int(x: Any) -> bool:
+    """An integer and not a bool (msgpack true is a Python bool, and bool is an int subclass)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _parse_header(frames: Frames, expected_type: str) -> dict[str, Any]:
     _need(len(frames) >= 1, "empty message")
     raw = _buf(frames[0])
@@ -220,17 +234,19 @@ def _parse_header(frames: Frames, expected_type: str) -> dict[str, Any]:
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise WireError(f"header is not msgpack: {type(e).__name__}") from None
     _need(isinstance(h, dict), f"header must be a map, got {type(h).__name__}")
-    _need(h.get("v") == SCHEMA_VERSION, f"schema version {h.get('v')!r}, expected {SCHEMA_VERSION}")
+    # 1.0 == 1 and True == 1 in Python: the version must be the integer itself.
+    _need(_is_int(h.get("v")) and h["v"] == SCHEMA_VERSION,
+          f"schema version {h.get('v')!r}, expected {SCHEMA_VERSION}")
     _need(h.get("t") == expected_type, f"message type {h.get('t')!r}, expected {expected_type!r}")
     _need(isinstance(h.get("s"), str) and len(h["s"]) <= 256, "sender must be a short string")
-    _need(isinstance(h.get("q"), int) and h["q"] >= 0, "sequence number must be an int >= 0")
+    _need(_is_int(h.get("q")) and h["q"] >= 0, f"sequence number must be an int >= 0, got {h.get('q')!r}")
     return h
 
 
 def _obs_spec(h: dict[str, Any]) -> tuple[tuple[int, ...], str]:
     shape, dtype = h.get("shape"), h.get("dtype")
     _need(isinstance(shape, list) and 1 <= len(shape) <= 4
-          and all(isinstance(d, int) and 1 <= d <= 4096 for d in shape), f"bad obs shape {shape!r}")
+          and all(_is_int(d) and 1 <= d <= 4096 for d in shape), f"bad obs shape {shape!r}")
     _need(math.prod(shape) <= MAX_OBS_ELEMENTS, "obs shape too large")
     _need(dtype in _OBS_DTYPES, f"obs dtype {dtype!r}, expected one of {_OBS_DTYPES}")
     return tuple(shape), dtype
@@ -244,7 +260,7 @@ def _decode_arrays(t: str, h: dict[str, Any], frames: Frames) -> dict[str, Any]:
     _need(len(frames) == 1 + len(schema), f"{t} needs {1 + len(schema)} frames, got {len(frames)}")
     out: dict[str, Any] = {}
     for (name, count), frame in zip(((s[0], s[1] if len(s) == 2 else None) for s in specs), frames[1:]):
-        _need(isinstance(count, int) and count >= 0, f"{name}: bad element count {count!r}")
+        _need(_is_int(count) and count >= 0, f"{name}: bad element count {count!r}")
         buf = _buf(frame)
         dt = np.dtype(schema[name])
         _need(len(buf) == count * dt.itemsize,
@@ -312,7 +328,8 @@ def decode_weights(frames: Frames) -> Weights:
     """Decode and validate a weights message; WireError if anything disagrees."""
     h = _parse_header(frames, "weights")
     specs = h.get("a")
-    _need(isinstance(h.get("version"), int) and h["version"] >= 0, "weights version must be an int >= 0")
+    _need(_is_int(h.get("version")) and h["version"] >= 0,
+          f"weights version must be an int >= 0, got {h.get('version')!r}")
     _need(isinstance(specs, list) and len(specs) == len(frames) - 1, "one array spec per frame expected")
     names, arrays = [], []
     for spec, frame in zip(specs, frames[1:]):
@@ -320,7 +337,7 @@ def decode_weights(frames: Frames) -> Weights:
         name, dtype, shape = spec
         _need(dtype in _WEIGHT_DTYPES, f"{name}: dtype {dtype!r} not allowed")
         _need(isinstance(shape, list) and len(shape) <= 8
-              and all(isinstance(d, int) and 0 <= d < 1 << 31 for d in shape), f"{name}: bad shape")
+              and all(_is_int(d) and 0 <= d < 1 << 31 for d in shape), f"{name}: bad shape {shape!r}")
         buf = _buf(frame)
         _need(len(buf) == math.prod(shape) * np.dtype(dtype).itemsize, f"{name}: size disagrees with shape")
         names.append(name)
@@ -332,12 +349,16 @@ def decode_telemetry(frames: Frames) -> Telemetry:
     """Decode and validate a telemetry message; WireError if anything disagrees."""
     _need(len(frames) == 1, f"telemetry is one frame, got {len(frames)}")
     h = _parse_header(frames, "telemetry")
-    _need(h.get("role") in ROLES, f"role {h.get('role')!r}, expected one of {ROLES}")
-    _need(isinstance(h.get("time"), float), "time must be a float")
+    _need(isinstance(h.get("role"), str) and h["role"] in ROLES, f"role {h.get('role')!r}, expected one of {ROLES}")
+    _need(isinstance(h.get("time"), float) and math.isfinite(h["time"]), f"time must be a finite float, "
+          f"got {h.get('time')!r}")
     m, e = h.get("m"), h.get("e")
-    _need(isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, (int, float))
-                                      for k, v in m.items()), "metrics must map names to numbers")
-    _need(isinstance(e, list) and len(e) <= 4096 and all(
-        isinstance(ep, dict) and all(isinstance(k, str) and isinstance(v, (int, float))
-                                     for k, v in ep.items()) for ep in e), "episodes must be maps of numbers")
+    # Finite numbers only: the evaluator turns counters into ints and plots them (inf would crash it).
+    _need(isinstance(m, dict) and all(isinstance(k, str) and _is_number(v) for k, v in m.items()),
+          "metrics must map names to finite numbers")
+    _need(isinstance(e, list) and len(e) <= MAX_EPISODES, f"episodes must be a list of at most {MAX_EPISODES}")
+    for ep in e:
+        # Exactly these keys: the evaluator reads each and the first episode fixes the CSV columns.
+        _need(isinstance(ep, dict) and set(ep) == set(EPISODE_KEYS) and all(map(_is_number, ep.values())),
+              f"an episode must map exactly {EPISODE_KEYS} to finite numbers, got {ep!r:.200}")
     return Telemetry(sender=h["s"], seq=h["q"], role=h["role"], time=h["time"], metrics=m, episodes=e)

@@ -129,3 +129,10 @@ def test_batch_from_sample_rejects_actions_outside_the_env() -> None:
     s.action = np.array([0, 6], np.int32)
     with pytest.raises(WireError, match="action"):
         batch_from_sample(s, 6, torch.device("cpu"))
+
+
+def test_batch_from_sample_rejects_observations_of_another_env() -> None:
+    s = _sample(np.zeros((3, 2, 2), np.uint8), 2)
+    with pytest.raises(WireError, match="observations"):
+        batch_from_sample(s, 6, torch.device("cpu"), obs_spec=((4, 84, 84), "uint8"))
+    assert batch_from_sample(s, 6, torch.device("cpu"), obs_spec=((2, 2), "uint8")).obs.shape == (2, 2, 2)

@@ -727,3 +727,60 @@ def test_lz4_blob_compression_is_per_observation():
     assert off.dtype == np.int64 and off.tolist() == [0, len(blobs[0]), len(blobs[0]) + len(blobs[1]),
                                                       sum(map(len, blobs))]
     assert data == b"".join(blobs)
+
+
+# --------------------------------------------------------------------------- holes found by tests/test_fuzz.py
+
+
+@pytest.mark.parametrize("kind", ["experience", "priorities", "telemetry", "weights"])
+@pytest.mark.parametrize("field_name,value", [("v", True), ("v", 1.0), ("q", True), ("q", False)])
+def test_rejects_bools_and_floats_posing_as_integers(kind, field_name, value):
+    # msgpack true decodes to Python True, and True == 1 == 1.0: the version check let them through.
+    frames = encode(valid_messages()[kind])
+    with pytest.raises(WireError):
+        DECODERS[kind](reheader(frames, **{field_name: value}))
+
+
+def test_rejects_bool_counts_and_dims():
+    frames = encode(make_update(n=1))  # one element: a count of True used to equal it
+    with pytest.raises(WireError, match="count"):
+        decode_priorities(set_spec(frames, "ids", ["ids", True]))
+    with pytest.raises(WireError, match="shape"):
+        decode_experience(reheader(encode(make_chunk(cartpole_obs(5))), shape=[True, 4]))
+    w = Weights(sender="learner", seq=1, version=1, names=["b"], arrays=[np.zeros(1, np.float32)])
+    with pytest.raises(WireError, match="shape"):
+        decode_weights(reheader(encode(w), a=[["b", "float32", [True]]]))
+    with pytest.raises(WireError, match="version"):
+        decode_weights(reheader(encode(w), version=True))
+
+
+@pytest.mark.parametrize("change", [
+    # the evaluator read e["return"] of every episode: a missing key raised KeyError and ended it
+    dict(e=[{}]), dict(e=[{"slot": 1, "epsilon": 0.1, "length": 3}]),
+    # extra keys would become columns of actor_episodes.csv when first
+    dict(e=[{"slot": 1, "epsilon": 0.1, "return": 2.0, "length": 3, "extra": 1}]),
+    # non-finite numbers: int(inf) in the evaluator raised OverflowError
+    dict(m={"learner/steps": math.inf}), dict(m={"learner/steps": -math.inf}), dict(m={"actor/x": math.nan}),
+    dict(m={"actor/x": True}), dict(e=[{"slot": 1, "epsilon": math.nan, "return": 2.0, "length": 3}]),
+    dict(time=math.inf), dict(time=math.nan), dict(role=["actor"]),
+])
+def test_telemetry_rejects_what_crashed_or_polluted_the_evaluator(change):
+    with pytest.raises(WireError):
+        decode_telemetry(reheader(encode(make_telemetry()), **change))
+
+
+def test_telemetry_without_episodes_and_with_int_metrics_is_valid():
+    t = make_telemetry()
+    t.episodes, t.metrics = [], {"learner/steps": 12, "replay/size": 3.5}
+    assert decode_telemetry(encode(t)).metrics == {"learner/steps": 12, "replay/size": 3.5}
+
+
+def test_telemetry_with_the_most_episodes_allowed_fits_the_header_limit():
+    # An actor on CartPole reported ~1,300 short episodes in one period (88 KB): over the old 64 KiB
+    # limit, the evaluator dropped the whole report.
+    t = make_telemetry()
+    t.episodes = [{"slot": 1000 + i, "epsilon": 0.4 ** (1 + 7 * i / 4095), "return": 123.456 + i, "length": 100000 + i}
+                  for i in range(4096)]
+    frames = encode(t)
+    assert len(frames[0]) > 1 << 16
+    assert len(decode_telemetry(frames).episodes) == 4096

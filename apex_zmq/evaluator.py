@@ -7,7 +7,6 @@ import json
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,10 @@ import torch
 import zmq
 
 from . import config as C
-from .envs import env_spec, make_vector_env
+from .envs import env_spec
 from .checkpoint import save_atomic
 from .play import best_checkpoint, best_path, best_score
 from .protocols import Evaluation, evaluate_policy, protocol_for
-from .exploration import epsilon_greedy
 from .dashboard.curves import write_learning_curves
 from .dashboard.server import Dashboard
 from .logger import Logger
@@ -29,25 +27,13 @@ from .transport import Sockets, install_stop, recv_latest, run_role
 from .wire import Weights, WireError, decode_weights
 
 
-@dataclass
-class EvalResult:
-    """Returns and lengths of one evaluation."""
-
-    returns: np.ndarray
-    lengths: np.ndarray
-
-    @property
-    def mean(self) -> float:
-        return float(self.returns.mean())
-
-
 def evaluate(net: torch.nn.Module, env_id: str, episodes: int, epsilon: float, seed: int,
              protocol: str = "classic", max_frames: int = 0) -> Evaluation:
     """Play ``episodes`` episodes side by side (env i seeded ``seed + i``) and return their scores.
 
     Atari plays under the named protocol (see ``protocols``; ``max_frames`` > 0 overrides its frame
-    cap); other envs play their own episodes. ``Evaluation`` has ``returns``, ``lengths`` and ``mean``
-    as ``EvalResult`` had, plus the protocol, seeds, HNS and SABER's 5/30-minute returns.
+    cap); other envs play their own episodes. ``Evaluation`` has ``returns``, ``lengths``, ``mean``,
+    the protocol, seeds, HNS and SABER's 5/30-minute returns.
     """
     return evaluate_policy(net, env_id, episodes, epsilon, seed, protocol_for(env_id, protocol),
                            max_frames=max_frames)
@@ -83,7 +69,6 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
     weights = socks.connect(zmq.SUB, cfg.weights, hwm=2, subscribe=True)
     stop = asyncio.Event()
     install_stop(stop)
-    loop = asyncio.get_running_loop()
     latest: list[Weights] = []
     fresh = threading.Event()   # newer weights arrived
     halt = threading.Event()    # stop, as seen from the evaluation thread

@@ -39,6 +39,16 @@ MAX_MESSAGE_BYTES = 256 << 20  # largest frame any socket accepts (a 512 Atari b
 KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, KEEPALIVE_CNT = 10, 5, 3
 
 
+def host_is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def is_loopback(endpoint: str) -> bool:
     """True for tcp endpoints on 127.0.0.0/8, ::1 or localhost, and for ipc/inproc.
 
@@ -48,13 +58,7 @@ def is_loopback(endpoint: str) -> bool:
         return True
     if not endpoint.startswith("tcp://"):
         return False
-    host = urlsplit(endpoint).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host_is_loopback(urlsplit(endpoint).hostname or "")
 
 
 class _AuthorizedKeys:

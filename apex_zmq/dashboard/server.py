@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
+
+from ..transport import host_is_loopback
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_HEAD_BYTES = 8192
@@ -143,16 +144,6 @@ def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
             raise ValueError("bad header line")
         headers[name.strip().lower()] = value.strip()
     return parts[0], parts[1], headers
-
-
-def host_is_loopback(host: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_host(host: str, insecure: bool) -> None:

@@ -54,7 +54,9 @@ class PrioritizedReplay:
         self.action = np.zeros(capacity, dtype=np.int32)
         self.ret = np.zeros(capacity, dtype=np.float32)
         self.disc = np.zeros(capacity, dtype=np.float32)
-        self._chunks: dict[int, bytes] = {}  # chunk id -> its lz4 blobs end to end
+        # chunk id -> its lz4 blobs end to end, as a memoryview: slicing one for a batch then costs
+        # no allocation or copy (half the time of slicing bytes), b"".join copies once.
+        self._chunks: dict[int, memoryview] = {}
         self._live: dict[int, int] = {}
         self._next_chunk = 0
         self.next_id = 0
@@ -93,7 +95,7 @@ class PrioritizedReplay:
         if len(data) >= 1 << 31:
             raise ValueError(f"a chunk of {len(data)} bytes: chunks must stay under 2 GiB")
         off = np.asarray(chunk.frame_offsets, dtype=np.int64)
-        self._chunks[cid] = data
+        self._chunks[cid] = memoryview(data)
         self._live[cid] = n_keep
         self.stored_bytes += len(data)
         self.ids[slots] = ids
@@ -222,7 +224,7 @@ class PrioritizedReplay:
             r.tree.set(np.arange(capacity), z["leaves"])
             for i, (cid, live) in enumerate(zip(z["chunk_ids"].tolist(), z["chunk_live"].tolist())):
                 data = z[f"c{i}"].tobytes()
-                r._chunks[cid] = data
+                r._chunks[cid] = memoryview(data)
                 r._live[cid] = live
                 r.stored_bytes += len(data)
         return r

@@ -72,9 +72,9 @@ class SumTree:
         v = np.array(values, dtype=np.float64, copy=True)
         node = np.ones(v.shape, dtype=np.int64)
         for _ in range(self._depth):
-            left = 2 * node
-            left_sum = self._tree[left]
+            node *= 2  # the left child
+            left_sum = self._tree[node]
             right = v >= left_sum
-            v -= np.where(right, left_sum, 0.0)
-            node = left + right
+            np.subtract(v, left_sum, out=v, where=right)
+            node += right
         return node - self._leaves

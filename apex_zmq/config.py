@@ -164,8 +164,8 @@ STANDALONE_CONFIGS: dict[str, type] = {"relay": RelayConfig}
 # Presets by env: values that make each family train well out of the box.
 PRESETS: dict[str, dict[str, Any]] = {
     "CartPole-v1": dict(
-        hidden=64, envs_per_actor=8, chunk_steps=8, capacity=50_000, batch_size=64, min_size=500,
-        lr=1e-3, target_update=250, weights_period=0.25, checkpoint_period=10.0, eval_period=2.0,
+        hidden=64, envs_per_actor=8, chunk_steps=8, capacity=50_000, batch_size=128, min_size=500,
+        lr=1e-3, target_update=250, weights_period=0.25, checkpoint_period=10.0, eval_period=1.0,
         eval_episodes=10, eval_epsilon=0.0, report_period=2.0, prefetch=8, loader_threads=1,
         eps_base=0.4, eps_alpha=7.0, n_step=3, gamma=0.99),
     "atari": dict(hidden=512, envs_per_actor=32, chunk_steps=16, capacity=2_000_000,

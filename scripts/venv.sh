@@ -13,9 +13,13 @@ ensure_venv() {
     echo "setting up $VENV (first run; torch and the Atari ROMs take a few minutes)..." >&2
     python3 -m venv "$VENV"
   fi
-  "$VENV/bin/python" -m pip install --progress-bar on -q --upgrade pip >&2
-  "$VENV/bin/python" -m pip install --progress-bar on -q -r "$APEX_ROOT/requirements.txt" \
+  echo "[1/3] upgrading pip" >&2
+  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+  # Not -q: pip's own lines and progress bars show what is being fetched (torch is the long one).
+  echo "[2/3] installing requirements${want_dev:+ and test requirements}" >&2
+  "$VENV/bin/python" -m pip install --progress-bar on -r "$APEX_ROOT/requirements.txt" \
     ${want_dev:+-r "$APEX_ROOT/requirements-dev.txt"} >&2
+  echo "[3/3] installing apex-zmq itself" >&2
   "$VENV/bin/python" -m pip install -q --no-deps -e "$APEX_ROOT" >&2
   touch "$stamp"
 }

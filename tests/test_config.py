@@ -46,7 +46,7 @@ def test_field_defaults_without_preset():
 def test_preset_overrides_defaults():
     cfg = C.parse(ReplayConfig, ["--env", "CartPole-v1"], "replay_server")
     assert cfg.capacity == C.PRESETS["CartPole-v1"]["capacity"] == 50_000
-    assert cfg.batch_size == 64 and cfg.min_size == 500 and cfg.hidden == 64
+    assert cfg.batch_size == 128 and cfg.min_size == 500 and cfg.hidden == 64
     assert cfg.alpha == 0.6  # not in the preset: the field default
 
 

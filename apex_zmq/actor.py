@@ -13,7 +13,7 @@ import zmq
 from . import config as C
 from .envs import env_spec, make_vector_env
 from .exploration import actor_epsilons, epsilon_greedy
-from .networks import ActingNetwork, acting_dtype, build_network, load_arrays
+from .networks import ActingNetwork, acting_dtype, build_network, load_arrays, weights_mismatch
 from .nstep import SegmentBuffer
 from .transport import Sockets, call_in_loop, install_stop, recv_latest, run_role
 from .wire import MAX_EPISODES, ExperienceChunk, Telemetry, WireError, compress_obs, decode_weights, encode, frame_table
@@ -181,6 +181,9 @@ async def main_async(cfg: C.ActorConfig) -> None:
             frames = await recv_latest(weights)
             try:
                 w = decode_weights(frames)
+                why = weights_mismatch(core.net, w.names, w.arrays)
+                if why is not None:  # well-formed, but for another network: dropped, not a crash
+                    raise WireError(why)
             except WireError:
                 counters["rejected"] += 1
                 continue
@@ -196,7 +199,9 @@ async def main_async(cfg: C.ActorConfig) -> None:
             sps = (core.agent_steps - last_steps) / (now - last)
             last, last_steps = now, core.agent_steps
             # The decoder accepts at most MAX_EPISODES per report: the rest waits for the next one.
-            episodes, core.episodes = core.episodes[:MAX_EPISODES], core.episodes[MAX_EPISODES:]
+            # (del of a slice is atomic under the GIL: an episode appended meanwhile is kept.)
+            episodes = core.episodes[:MAX_EPISODES]
+            del core.episodes[:len(episodes)]
             await tel.send_multipart(encode(Telemetry(
                 sender=core.name, seq=core.seq, role="actor", time=time.time(), episodes=episodes,
                 metrics={"actor/steps_per_s": sps, "actor/frames_per_s": sps * skip,

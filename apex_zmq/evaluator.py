@@ -22,7 +22,7 @@ from .dashboard.curves import write_learning_curves
 from .dashboard.server import Dashboard
 from .logger import Logger
 from .monitor import CsvFollower, RunMonitor
-from .networks import build_network, load_arrays
+from .networks import build_network, load_arrays, weights_mismatch
 from .transport import Sockets, install_stop, recv_latest, run_role
 from .wire import Weights, WireError, decode_weights
 
@@ -81,7 +81,11 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
     async def receive_weights() -> None:
         while True:
             try:
-                latest[:] = [decode_weights(await recv_latest(weights))]
+                w = decode_weights(await recv_latest(weights))
+                why = weights_mismatch(net, w.names, w.arrays)
+                if why is not None:  # well-formed, but for another network: dropped, not a crash
+                    raise WireError(why)
+                latest[:] = [w]
                 if latest[0].version != state["evaluated_version"]:
                     fresh.set()
             except WireError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import sys
 import time
@@ -141,7 +142,7 @@ async def main_async(cfg: C.LearnerConfig) -> None:
             metrics = {"learner/steps": steps, "learner/steps_per_s": (steps - last_steps) / (now - last),
                        "learner/rejected": counts["rejected"],
                        "perf/learner_wait_fraction": (core.wait_s - last_wait) / busy if busy > 0 else 0.0}
-            if core.loss == core.loss:  # not NaN
+            if math.isfinite(core.loss):  # telemetry carries finite numbers only
                 metrics["learner/loss"] = core.loss
             last, last_steps, last_wait, last_train = now, steps, core.wait_s, core.train_s
             await tel.send_multipart(encode(Telemetry(sender="learner", seq=steps, role="learner",

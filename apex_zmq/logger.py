@@ -44,9 +44,13 @@ class Logger:
             return
         if name not in self._csvs:
             path = self.dir / f"{name}.csv"
-            new = not path.exists()
+            new = not path.exists() or path.stat().st_size == 0
+            fields = list(rows[0])
+            if not new:  # a resumed run appends under the header already on disk, whatever comes now
+                with open(path, newline="") as f:
+                    fields = next(csv.reader(f), fields)
             f = open(path, "a", newline="")
-            w = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:
                 w.writeheader()
             self._csvs[name] = (f, w)

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .logger import Logger
+from .logger import TAG_PREFIXES, Logger
 from .wire import Telemetry, WireError, decode_telemetry
 
+MAX_SENDERS = 4096           # distinct senders tracked; later new names are dropped (bounds memory)
 MAX_SLOTS = 1 << 16          # a report naming a wilder env slot is dropped (bounds memory)
 SERIES_POINTS = 600          # points kept per chart series; older ones are thinned, never unbounded
 EVAL_POINTS = 500            # evaluation points sent to the page (the learning-curve files keep all)
@@ -177,9 +178,16 @@ class RunMonitor:
 
     def take(self, t: Telemetry, now: float) -> Ingested:
         """Take one role's report: heartbeat, metrics of its own tag family, finished episodes."""
+        if t.sender not in self.heartbeats and len(self.heartbeats) >= MAX_SENDERS:
+            self.rejected += 1  # bounded memory: a flood of invented sender names is dropped
+            return Ingested(metrics={}, step=int(self.metrics.get("learner/steps", 0)), episodes=[],
+                            sender=t.sender, time=t.time)
         self.heartbeats[t.sender] = Heartbeat(role=t.role, last=now, seq=t.seq)
         # A NaN loss is logged as such (it means something); the page's JSON gets None for it.
-        metrics = {k: float(v) for k, v in t.metrics.items() if k.startswith((f"{t.role}/", "perf/"))}
+        # Only the sender's own family, and only families of the fixed tag scheme: a relay's
+        # relay/* counters (or a hostile peer's tags) must never reach the logger, which refuses them.
+        metrics = {k: float(v) for k, v in t.metrics.items()
+                   if k.startswith((f"{t.role}/", "perf/")) and k.startswith(TAG_PREFIXES)}
         if t.role == "actor":  # one actor's rate among many: the run's rate is the sum over live actors
             self.actor_rates[t.sender] = metrics.get("actor/steps_per_s", 0.0)
             metrics["actor/steps_per_s"] = self.actor_steps_per_s(now)

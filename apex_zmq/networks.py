@@ -121,12 +121,20 @@ def state_arrays(net: nn.Module) -> tuple[list[str], list[np.ndarray]]:
     return names, arrays
 
 
-def load_arrays(net: nn.Module, names: list[str], arrays: list[np.ndarray]) -> None:
-    """Load a weights message into ``net``; ValueError if names or shapes differ from the net's."""
+def weights_mismatch(net: nn.Module, names: list[str], arrays: list[np.ndarray]) -> str | None:
+    """Why a weights message does not fit ``net`` (other env or --hidden), or None if it does."""
     own = net.state_dict()
     if list(own) != list(names):
-        raise ValueError(f"weights have parameters {names[:4]}..., the network expects {list(own)[:4]}...")
+        return f"weights have parameters {names[:4]}..., the network expects {list(own)[:4]}..."
     for (name, t), a in zip(own.items(), arrays):
         if tuple(t.shape) != tuple(a.shape):
-            raise ValueError(f"{name}: weights shape {a.shape}, network expects {tuple(t.shape)}")
+            return f"{name}: weights shape {a.shape}, network expects {tuple(t.shape)}"
+    return None
+
+
+def load_arrays(net: nn.Module, names: list[str], arrays: list[np.ndarray]) -> None:
+    """Load a weights message into ``net``; ValueError if names or shapes differ from the net's."""
+    why = weights_mismatch(net, names, arrays)
+    if why is not None:
+        raise ValueError(why)
     net.load_state_dict({n: torch.from_numpy(np.array(a)) for n, a in zip(names, arrays)})

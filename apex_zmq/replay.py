@@ -80,6 +80,8 @@ class PrioritizedReplay:
         elif (tuple(chunk.obs_shape), chunk.obs_dtype) != (self.obs_shape, self.obs_dtype):
             raise ValueError(f"chunk observations are {chunk.obs_dtype}{list(chunk.obs_shape)}, "
                              f"replay holds {self.obs_dtype}{list(self.obs_shape)}")
+        if len(chunk.frame_data) >= 1 << 31:  # checked before anything changes
+            raise ValueError(f"a chunk of {len(chunk.frame_data)} bytes: chunks must stay under 2 GiB")
         n = len(chunk.action)
         keep = slice(max(0, n - self.capacity), n)  # a chunk larger than the replay keeps its tail
         n_keep = keep.stop - keep.start
@@ -92,8 +94,6 @@ class PrioritizedReplay:
         cid = self._next_chunk
         self._next_chunk += 1
         data = bytes(chunk.frame_data)
-        if len(data) >= 1 << 31:
-            raise ValueError(f"a chunk of {len(data)} bytes: chunks must stay under 2 GiB")
         off = np.asarray(chunk.frame_offsets, dtype=np.int64)
         self._chunks[cid] = memoryview(data)
         self._live[cid] = n_keep

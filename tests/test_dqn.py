@@ -136,3 +136,4 @@ def test_batch_from_sample_rejects_observations_of_another_env() -> None:
     with pytest.raises(WireError, match="observations"):
         batch_from_sample(s, 6, torch.device("cpu"), obs_spec=((4, 84, 84), "uint8"))
     assert batch_from_sample(s, 6, torch.device("cpu"), obs_spec=((2, 2), "uint8")).obs.shape == (2, 2, 2)
+

@@ -57,3 +57,12 @@ def test_load_arrays_rejects_wrong_shapes() -> None:
     names, arrays = state_arrays(build_network(VECTOR, 32))
     with pytest.raises(ValueError, match="shape"):
         load_arrays(net, names, arrays)
+
+
+def test_weights_mismatch_names_the_reason_and_accepts_matching_weights() -> None:
+    from apex_zmq.networks import weights_mismatch
+    net = build_network(VECTOR, 64)
+    assert weights_mismatch(net, *state_arrays(build_network(VECTOR, 64))) is None
+    assert "shape" in weights_mismatch(net, *state_arrays(build_network(VECTOR, 32)))
+    names, arrays = state_arrays(build_network(ATARI, 64))
+    assert "parameters" in weights_mismatch(net, names, arrays)

@@ -370,18 +370,27 @@ def test_snapshot_round_trip_restores_items_priorities_and_frames(tmp_path) -> N
         r.add(_snapshot_chunk(rng, 8, seed=i))
     r.update(np.arange(20, 56), rng.random(36) + 0.1)
     path = tmp_path / "replay" / "snapshot.npz"
-    PrioritizedReplay.write_snapshot(r.snapshot(), path)
-    # The snapshot is taken, then the replay changes: the file keeps the state at snapshot time.
+    # As the server does: the snapshot is taken, the replay goes on changing (evicting chunks too),
+    # and only then is the snapshot written; the file must hold the state at snapshot time.
+    state = r.snapshot()
     before_ids = r.ids.copy()
     live = np.arange(16, 56)
     before_prios = r.priorities(live)
-    before_frames = {int(i): r._chunks[int(r.chunk[i % 40])] for i in live}
-    r.add(_snapshot_chunk(rng, 8, seed=99))
+    before_frames = {int(i): bytes(r._chunks[int(r.chunk[i % 40])]) for i in live}
+    before_batch = r._gather(live % 40, np.ones(40, np.float32), 0)
+    for k in range(6):
+        r.add(_snapshot_chunk(rng, 8, seed=99 + k))
+        r.update(r.ids[:8], np.full(8, 5.0))
+    PrioritizedReplay.write_snapshot(state, path)
     back = PrioritizedReplay.load_snapshot(path, 40, 0.6, seed=1)
     assert back.size == 40 and back.next_id == 56
     np.testing.assert_array_equal(back.ids, before_ids)
     np.testing.assert_array_equal(back.priorities(live), before_prios)
-    assert all(back._chunks[int(back.chunk[i % 40])] == blob for i, blob in before_frames.items())
+    assert all(bytes(back._chunks[int(back.chunk[i % 40])]) == blob for i, blob in before_frames.items())
+    # The restored replay gathers exactly the frames the original held for the same items.
+    again = back._gather(live % 40, np.ones(40, np.float32), 0)
+    assert bytes(again.frame_data) == bytes(before_batch.frame_data)
+    np.testing.assert_array_equal(again.ids, before_batch.ids)
     assert back.tree.total > 0 and back.stored_bytes > 0
     # Sampling from the restored replay gives the same frames as the original for the same items.
     b = back.sample(16, beta=0.4)

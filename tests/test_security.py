@@ -243,7 +243,7 @@ async def _scenario(keydir: Path, eps: dict[str, str], procs: dict[str, subproce
         good = Sockets(keys=str(keydir / "clients" / "client-1"))
         clients.append(good)
         exp = good.connect(zmq.PUSH, eps["experience"])
-        # 16 messages: the replay server checks whether it may start sampling after every 8th.
+        # 16 messages: enough for the replay server to start sampling.
         sizes = [int(rng.integers(6, 12)) for _ in range(15)]
         for n in sizes:
             await exp.send_multipart(_chunk(rng, n))

@@ -13,7 +13,7 @@ import zmq
 from . import config as C
 from .envs import env_spec, make_vector_env
 from .exploration import actor_epsilons, epsilon_greedy
-from .networks import ActingNetwork, acting_dtype, build_network, load_arrays, weights_mismatch
+from .networks import build_network, load_arrays, make_acting_network, weights_mismatch
 from .nstep import SegmentBuffer
 from .transport import Sockets, call_in_loop, install_stop, recv_latest, run_role
 from .wire import MAX_EPISODES, ExperienceChunk, Telemetry, WireError, compress_obs, decode_weights, encode, frame_table
@@ -71,7 +71,7 @@ class ActorCore:
         seed = cfg.seed + 1000 * cfg.actor_index
         K = cfg.envs_per_actor
         self.net = build_network(self.spec, cfg.hidden).eval()
-        self.policy = ActingNetwork(self.net, acting_dtype(cfg.acting_dtype))
+        self.policy = make_acting_network(self.net, cfg.acting_dtype)
         eps = actor_epsilons(cfg.actor_index, K, cfg.num_actors, cfg.eps_base, cfg.eps_alpha)
         self.rng = np.random.default_rng(seed)
         g = max(1, min(cfg.env_groups, K)) if self.spec.atari else 1  # gymnasium envs have no async send

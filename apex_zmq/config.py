@@ -79,8 +79,9 @@ class ActorConfig(Common):
     env_threads: int = _f(1, "ale-py threads stepping each env group of this actor")
     env_groups: int = _f(2, "Atari: groups the K envs are split into; one group steps while the "
                             "network acts on the next (1: no overlap)")
-    acting_dtype: Literal["auto", "float32", "bfloat16"] = _f(
-        "auto", "dtype of the actor's network copy (auto: bfloat16 on CPUs with native bf16)")
+    acting_dtype: Literal["auto", "float32", "bfloat16", "int8"] = _f(
+        "auto", "number format of the actor's network copy (auto: int8 for Atari on x86 CPUs, "
+                "else bfloat16 where native, else float32)")
     max_actor_steps: int = _f(0, "stop after this many vector steps (0: run until stopped)")
 
 
@@ -310,6 +311,8 @@ def validate(cfg: Any) -> None:
         need(0 <= cfg.actor_index < cfg.num_actors, "actor_index",
              f"must be in [0, {cfg.num_actors}), got {cfg.actor_index}")
         need(cfg.chunk_steps >= 1, "chunk_steps", f"must be >= 1, got {cfg.chunk_steps}")
+        need(cfg.acting_dtype != "int8" or cfg.env.startswith("ALE/"), "acting_dtype",
+             f"int8 needs an Atari env (the Nature CNN), got --env {cfg.env}")
     if isinstance(cfg, RelayConfig):
         # Same endpoint both ways: the relay would bind the learner's port or subscribe to itself.
         need(cfg.relay_weights != cfg.weights, "relay_weights",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -61,11 +64,40 @@ def bf16_supported() -> bool:
         return False
 
 
-def acting_dtype(name: str) -> torch.dtype:
-    """The acting network's dtype for the ``--acting-dtype`` setting (``auto``: bf16 where native)."""
-    if name == "auto":
-        return torch.bfloat16 if bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+def int8_engine() -> str | None:
+    """torch's int8 kernel engine for x86 CPUs (fbgemm / oneDNN, VNNI where present), or None."""
+    engines = torch.backends.quantized.supported_engines
+    return next((e for e in ("x86", "onednn", "fbgemm") if e in engines), None)
+
+
+ACTING_DTYPES = ("auto", "float32", "bfloat16", "int8")
+
+
+def resolve_acting_dtype(name: str, conv: bool) -> str:
+    """The acting copy's number format for the ``--acting-dtype`` setting.
+
+    ``auto``: int8 for the Nature CNN on x86 CPUs (about 1.8x faster than bf16 here, Q values as
+    close to float32 as bf16's), else bfloat16 where the CPU has it natively, else float32.
+    """
+    if name not in ACTING_DTYPES:
+        raise ValueError(f"acting dtype must be one of {ACTING_DTYPES}, got {name!r}")
+    if name == "int8" and not conv:
+        raise ValueError("int8 acting needs the Nature CNN (an Atari env); use float32 or bfloat16")
+    if name == "int8" and int8_engine() is None:
+        raise ValueError("int8 acting needs torch's x86 int8 kernels (fbgemm/oneDNN), absent on this CPU")
+    if name != "auto":
+        return name
+    if conv and int8_engine() is not None:
+        return "int8"
+    return "bfloat16" if bf16_supported() else "float32"
+
+
+def make_acting_network(net: Dueling, name: str = "auto") -> nn.Module:
+    """The inference-only acting copy of ``net`` in the format ``--acting-dtype`` asks for."""
+    kind = resolve_acting_dtype(name, isinstance(net.torso, NatureTorso))
+    if kind == "int8":
+        return Int8ActingNetwork(net)
+    return ActingNetwork(net, torch.bfloat16 if kind == "bfloat16" else torch.float32)
 
 
 class ActingNetwork(nn.Module):
@@ -110,6 +142,96 @@ class ActingNetwork(nn.Module):
         h = torch.relu(self.head(h))
         a = self.advantage_out(h[:, self.hidden:])
         return (self.value_out(h[:, :self.hidden]) + a - a.mean(dim=1, keepdim=True)).float()
+
+
+class Int8ActingNetwork(nn.Module):
+    """An int8 acting copy of a Nature-CNN ``Dueling`` network for CPUs (fbgemm/oneDNN kernels).
+
+    Weights are quantized per output channel (symmetric int8), each ReLU's output per tensor
+    (uint8, zero point 0) with a scale calibrated on the observations the copy acts on: ``sync``
+    marks the copy stale and its next call re-quantizes, running the float copy over (up to
+    ``calibration``, spread over the batch) observations of that call's own batch first (~50 ms, once per weights
+    update), so the scales follow the network as it trains. Observations enter as a zero-copy
+    quint8 view of the uint8 frames (scale 1: the 1/255 is folded into the first conv); the two
+    small output layers of the dueling heads run in float32. Q values agree with float32 about as
+    closely as bf16's do; returns float32 Q values.
+    """
+
+    calibration = 16  # observations per re-quantization pass
+
+    def __init__(self, net: Dueling) -> None:
+        super().__init__()
+        from torch.ao.nn.intrinsic import quantized as nniq  # only this path needs torch.ao
+
+        engine = int8_engine()
+        if engine is None or not isinstance(net.torso, NatureTorso):
+            raise ValueError("int8 acting needs the Nature CNN and torch's x86 int8 kernels")
+        torch.backends.quantized.engine = engine
+        self.ref = ActingNetwork(net, torch.float32)  # float weights: calibration and the output layers
+        convs = [m for m in self.ref.torso.net if isinstance(m, nn.Conv2d)]
+        with _quiet_int8():
+            self.convs = nn.ModuleList(nniq.ConvReLU2d(c.in_channels, c.out_channels, c.kernel_size,
+                                                       c.stride) for c in convs)
+            self.head = nniq.LinearReLU(self.ref.head.in_features, self.ref.head.out_features)
+        self.hidden = self.ref.hidden
+        self.stale = True
+
+    def sync(self, net: Dueling) -> None:
+        """Copy the weights of ``net``; quantized at the next call, calibrated on its batch."""
+        self.ref.sync(net)
+        self.stale = True
+
+    @torch.no_grad()
+    def _quantize(self, obs: torch.Tensor) -> None:
+        with _quiet_int8():
+            step = -(-len(obs) // self.calibration)  # spread over the batch's envs
+            x = obs[::step].float()
+            convs = [m for m in self.ref.torso.net if isinstance(m, nn.Conv2d)]
+            for conv, q in zip(convs, self.convs):
+                x = torch.relu(conv(x))
+                q.set_weight_bias(_int8_per_channel(conv.weight), conv.bias)
+                q.scale, q.zero_point = _relu_scale(x), 0
+            h = torch.relu(self.ref.head(x.flatten(1)))
+            self.head.set_weight_bias(_int8_per_channel(self.ref.head.weight), self.ref.head.bias)
+            self.head.scale, self.head.zero_point = _relu_scale(h), 0
+        self.stale = False
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if obs.dtype != torch.uint8:
+            raise TypeError(f"int8 acting expects uint8 frames, got {obs.dtype}")
+        if self.stale:
+            self._quantize(obs)
+        # Pixel values 0..255 are exactly quint8 with scale 1, zero point 0: a view, no conversion.
+        x = torch._make_per_tensor_quantized_tensor(obs.contiguous(), 1.0, 0)
+        for conv in self.convs:
+            x = conv(x)
+        h = self.head(x.flatten(1)).dequantize()
+        a = self.ref.advantage_out(h[:, self.hidden:])
+        return self.ref.value_out(h[:, :self.hidden]) + a - a.mean(dim=1, keepdim=True)
+
+
+@contextlib.contextmanager
+def _quiet_int8() -> Iterator[None]:
+    """Silence torch 2.13's notice that its eager int8 kernels are deprecated.
+
+    Their successor (torchao's compile-based flow) would recompile at every weights update; the
+    pinned torch keeps these kernels working.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+        yield
+
+
+def _int8_per_channel(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel qint8 copy of a weight tensor."""
+    scale = w.abs().amax(dim=tuple(range(1, w.dim()))).clamp_min(1e-12) / 127.0
+    zero = torch.zeros(len(scale), dtype=torch.long)
+    return torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
+
+
+def _relu_scale(x: torch.Tensor) -> float:
+    """quint8 scale that spans a ReLU output's observed range [0, max]."""
+    return float(x.max().clamp_min(1e-6)) / 255.0
 
 
 def state_arrays(net: nn.Module) -> tuple[list[str], list[np.ndarray]]:

@@ -157,6 +157,7 @@ def test_num_actors_resolution():
     (LearnerConfig, "--optimizer", "sgd", ["adam", "rmsprop"]),
     (LearnerConfig, "--device", "tpu", ["auto", "cpu", "cuda"]),
     (LaunchConfig, "--device", "tpu", ["auto", "cpu", "cuda"]),
+    (ActorConfig, "--acting-dtype", "fp8", ["auto", "float32", "bfloat16", "int8"]),
 ])
 def test_bad_choice_flag_is_an_argparse_error_naming_flag_and_choices(cls, flag, bad, choices, capsys):
     with pytest.raises(SystemExit) as e:
@@ -180,6 +181,13 @@ def test_bad_typed_flag_is_an_argparse_error(cls, argv, flag, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and argv[1] in err
+
+
+def test_int8_acting_needs_an_atari_env():
+    with pytest.raises(SystemExit) as e:
+        C.parse(ActorConfig, ["--env", "CartPole-v1", "--acting-dtype", "int8"], "actor")
+    assert exit_message(e).startswith("--acting-dtype") and "CartPole-v1" in exit_message(e)
+    assert C.parse(ActorConfig, ["--env", "ALE/Pong-v5", "--acting-dtype", "int8"], "actor").acting_dtype == "int8"
 
 
 def test_unknown_flag_and_other_roles_flags_are_rejected(capsys):

@@ -168,10 +168,11 @@ class Int8ActingNetwork(nn.Module):
             raise ValueError("int8 acting needs the Nature CNN and torch's x86 int8 kernels")
         torch.backends.quantized.engine = engine
         self.ref = ActingNetwork(net, torch.float32)  # float weights: calibration and the output layers
-        convs = [m for m in self.ref.torso.net if isinstance(m, nn.Conv2d)]
+        # A tuple, not a ModuleList: these are the float copy's own layers, registered under ref.
+        self._float_convs = tuple(m for m in self.ref.torso.net if isinstance(m, nn.Conv2d))
         with _quiet_int8():
             self.convs = nn.ModuleList(nniq.ConvReLU2d(c.in_channels, c.out_channels, c.kernel_size,
-                                                       c.stride) for c in convs)
+                                                       c.stride) for c in self._float_convs)
             self.head = nniq.LinearReLU(self.ref.head.in_features, self.ref.head.out_features)
         self.hidden = self.ref.hidden
         self.stale = True
@@ -186,8 +187,7 @@ class Int8ActingNetwork(nn.Module):
         with _quiet_int8():
             step = -(-len(obs) // self.calibration)  # spread over the batch's envs
             x = obs[::step].float()
-            convs = [m for m in self.ref.torso.net if isinstance(m, nn.Conv2d)]
-            for conv, q in zip(convs, self.convs):
+            for conv, q in zip(self._float_convs, self.convs):
                 x = torch.relu(conv(x))
                 q.set_weight_bias(_int8_per_channel(conv.weight), conv.bias)
                 q.scale, q.zero_point = _relu_scale(x), 0

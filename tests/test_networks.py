@@ -56,9 +56,11 @@ def test_bf16_acting_network_is_close_to_float32(spec: EnvSpec, hidden: int) -> 
 needs_int8 = pytest.mark.skipif(int8_engine() is None, reason="no x86 int8 kernels in this torch")
 
 
-def _pong_frames(n: int) -> torch.Tensor:
-    """Real Pong observations after some random play (what the actor's network sees)."""
+@pytest.fixture(scope="module")
+def pong_frames() -> torch.Tensor:
+    """32 real Pong observations after some random play (what the actor's network sees)."""
     from apex_zmq.envs import make_vector_env
+    n = 32
     env = make_vector_env("ALE/Pong-v5", n, seed=3, num_threads=1)
     try:
         rng = np.random.default_rng(3)
@@ -69,12 +71,17 @@ def _pong_frames(n: int) -> torch.Tensor:
         env.close()
 
 
-@needs_int8
-def test_int8_acting_network_is_close_to_float32_and_really_int8() -> None:
-    torch.manual_seed(2)
+def _int8_pair(seed: int) -> tuple[torch.nn.Module, Int8ActingNetwork]:
+    """A seeded Atari network and its int8 acting copy."""
+    torch.manual_seed(seed)
     net = build_network(ATARI, 512).eval()
-    acting = Int8ActingNetwork(net)
-    x = _pong_frames(32)
+    return net, Int8ActingNetwork(net)
+
+
+@needs_int8
+def test_int8_acting_network_is_close_to_float32_and_really_int8(pong_frames: torch.Tensor) -> None:
+    net, acting = _int8_pair(2)
+    x = pong_frames
     with torch.no_grad():
         q, ref = acting(x), net(x)
     assert q.dtype == torch.float32 and q.shape == ref.shape
@@ -85,11 +92,10 @@ def test_int8_acting_network_is_close_to_float32_and_really_int8() -> None:
 
 
 @needs_int8
-def test_int8_acting_network_requantizes_after_sync_with_scales_from_its_batch() -> None:
-    torch.manual_seed(3)
-    net = build_network(ATARI, 512).eval()
-    acting = Int8ActingNetwork(net)
-    x = _pong_frames(8)
+def test_int8_acting_network_requantizes_after_sync_with_scales_from_its_batch(
+        pong_frames: torch.Tensor) -> None:
+    net, acting = _int8_pair(3)
+    x = pong_frames[:8]
     with torch.no_grad():
         acting(x)
         scales = [c.scale for c in acting.convs] + [acting.head.scale]

@@ -11,9 +11,11 @@ import torch
 import zmq
 
 from . import config as C
+from . import cpu
 from .envs import env_spec, make_vector_env
-from .exploration import actor_epsilons, epsilon_greedy
-from .networks import build_network, load_arrays, make_acting_network, weights_mismatch
+from .exploration import actor_epsilons, actor_seed, epsilon_greedy
+from .networks import (Int8ActingNetwork, build_network, choose_acting, greedy_agreement, int8_engine,
+                       load_arrays, make_acting_network, weights_mismatch)
 from .nstep import SegmentBuffer
 from .transport import Sockets, call_in_loop, install_stop, recv_latest, run_role
 from .wire import MAX_EPISODES, ExperienceChunk, Telemetry, WireError, compress_obs, decode_weights, encode, frame_table
@@ -40,19 +42,29 @@ class _Stepper:
 class EnvGroup:
     """A slice of the actor's env slots stepped as one vector env, with its own n-step segment."""
 
-    def __init__(self, env, first: int, eps: np.ndarray, seg: SegmentBuffer, obs: np.ndarray) -> None:
+    def __init__(self, env, first: int, eps: np.ndarray, seg: SegmentBuffer, obs: np.ndarray,
+                 lives: np.ndarray | None) -> None:
         self.env = env
         self.stepper = _Stepper(env)
         self.first = first  # index of this group's first env within the actor
         self.eps = eps
         self.seg = seg
         self.obs = obs
+        self.lives = lives  # Atari: lives left in each env's game (None: the env has no lives)
         k = len(eps)
         self.actions = np.zeros(k, dtype=np.int64)
         self.in_flight = False
         self.valid = np.ones(k, dtype=bool)
-        self.ep_return = np.zeros(k)
+        self.ep_return = np.zeros(k)          # whole game, unclipped: the score users compare
+        self.ep_clipped_return = np.zeros(k)  # what the learner is trained on
         self.ep_length = np.zeros(k, dtype=np.int64)
+
+
+def life_lost(prev_lives: np.ndarray | None, lives: np.ndarray | None, valid: np.ndarray) -> np.ndarray:
+    """Envs whose step (a valid one: not an autoreset step, where lives jump back up) lost a life."""
+    if prev_lives is None or lives is None:
+        return np.zeros(len(valid), dtype=bool)
+    return valid & (np.asarray(lives) < prev_lives)
 
 
 class ActorCore:
@@ -62,16 +74,24 @@ class ActorCore:
     served round robin: while one group's envs step in ale-py's C++ threads (``send`` returns at
     once), the Q network runs on the next group's observations, so env stepping and inference
     overlap instead of taking turns on the cores.
+
+    Atari envs play whole games: a lost life ends the n-step return (discount 0, as DQN's
+    episodic-life trick does) but not the game, and the next step is an ordinary one. Rewards are
+    clipped to [-1, 1] for training; episodes are reported with their unclipped score.
     """
 
     def __init__(self, cfg: C.ActorConfig) -> None:
         self.cfg = cfg
         self.spec = env_spec(cfg.env)
         self.name = f"actor-{cfg.actor_index}"
-        seed = cfg.seed + 1000 * cfg.actor_index
+        # Fresh env seeds and exploration stream after each restart (the restart count is in the seed).
+        self.seed = seed = actor_seed(cfg.seed, cfg.actor_index, cfg.restart, cfg.envs_per_actor)
         K = cfg.envs_per_actor
         self.net = build_network(self.spec, cfg.hidden).eval()
-        self.policy = make_acting_network(self.net, cfg.acting_dtype)
+        self.acting = choose_acting(cfg.acting_dtype, len(self.spec.obs_shape) == 3, cpu.detect(), int8_engine())
+        self.policy = make_acting_network(self.net, self.acting)
+        self.agreement = 1.0
+        self._check_agreement = True  # at the first step and after every weights update
         eps = actor_epsilons(cfg.actor_index, K, cfg.num_actors, cfg.eps_base, cfg.eps_alpha)
         self.rng = np.random.default_rng(seed)
         g = max(1, min(cfg.env_groups, K)) if self.spec.atari else 1  # gymnasium envs have no async send
@@ -79,14 +99,16 @@ class ActorCore:
         self.groups: list[EnvGroup] = []
         for i in range(g):
             lo, hi = int(bounds[i]), int(bounds[i + 1])
-            env = make_vector_env(cfg.env, hi - lo, seed + lo, train=True, num_threads=cfg.env_threads)
-            obs, _ = env.reset(seed=seed + lo)
+            env = make_vector_env(cfg.env, hi - lo, seed + lo, num_threads=cfg.env_threads)
+            obs, info = env.reset(seed=seed + lo)
             seg = SegmentBuffer(hi - lo, cfg.chunk_steps, cfg.n_step, cfg.gamma, self.spec.num_actions)
-            self.groups.append(EnvGroup(env, lo, eps[lo:hi], seg, obs))
+            lives = np.array(info["lives"]) if self.spec.atari else None
+            self.groups.append(EnvGroup(env, lo, eps[lo:hi], seg, obs, lives))
         self.eps = eps
         self._next = 0
         self.episodes: list[dict[str, float]] = []
         self.weights_version = -1
+        self.weights_incarnation = -1  # the learner process the weights came from
         self.agent_steps = 0
         self.seq = 0
 
@@ -102,11 +124,13 @@ class ActorCore:
                 grp.stepper.recv()
             grp.env.close()
 
-    def set_weights(self, names: list[str], arrays: list[np.ndarray], version: int) -> None:
+    def set_weights(self, names: list[str], arrays: list[np.ndarray], version: int, incarnation: int = 0) -> None:
         """Adopt newer network weights."""
         load_arrays(self.net, names, arrays)
         self.policy.sync(self.net)
         self.weights_version = version
+        self.weights_incarnation = incarnation
+        self._check_agreement = True
 
     @torch.inference_mode()
     def step(self) -> ExperienceChunk | None:
@@ -115,7 +139,12 @@ class ActorCore:
         self._next = (self._next + 1) % len(self.groups)
         if grp.in_flight:
             self._observe(grp)
-        q = self.policy(torch.as_tensor(grp.obs)).numpy()
+        obs = torch.as_tensor(grp.obs)
+        q = self.policy(obs)
+        if self._check_agreement:
+            self.agreement = self._measure_agreement(obs, q)
+            self._check_agreement = False
+        q = q.numpy()
         grp.seg.add_obs(compress_obs(grp.obs), q)
         chunk = self._chunk(grp) if grp.seg.full else None
         grp.actions = epsilon_greedy(q, grp.eps, self.rng)
@@ -123,12 +152,27 @@ class ActorCore:
         grp.in_flight = True
         return chunk
 
+    def _measure_agreement(self, obs: torch.Tensor, q: torch.Tensor) -> float:
+        """How often the acting copy's greedy action is float32's (the int8 copy measures it on
+        its calibration batch; the others on up to 16 observations of this batch)."""
+        if isinstance(self.policy, Int8ActingNetwork):
+            return self.policy.agreement
+        step = -(-len(obs) // 16)
+        return greedy_agreement(q[::step], self.net(obs[::step]))
+
     def _observe(self, grp: EnvGroup) -> None:
-        obs, rewards, term, trunc, _ = grp.stepper.recv()
+        obs, rewards, term, trunc, info = grp.stepper.recv()
         grp.obs = obs
-        grp.seg.add_step(grp.actions, rewards, term, trunc, grp.valid)
-        self._track_episodes(grp, rewards, term | trunc)
-        grp.valid = ~(term | trunc)  # the step after an episode end is an autoreset step
+        lost = np.zeros_like(term)
+        if grp.lives is not None:
+            lives = np.asarray(info["lives"])
+            lost = life_lost(grp.lives, lives, grp.valid) & ~(term | trunc)
+            grp.lives = lives
+        clipped = np.clip(rewards, -1.0, 1.0) if self.spec.atari else rewards
+        # A lost life ends the return (discount 0) but not the game: the next step stays valid.
+        grp.seg.add_step(grp.actions, clipped, term | lost, trunc, grp.valid)
+        self._track_episodes(grp, rewards, clipped, term | trunc)
+        grp.valid = ~(term | trunc)  # the step after a game's end is an autoreset step
         grp.in_flight = False
         self.agent_steps += len(grp.eps)
 
@@ -139,22 +183,34 @@ class ActorCore:
         return ExperienceChunk(sender=self.name, seq=self.seq, obs_shape=self.spec.obs_shape,
                                obs_dtype=self.spec.obs_dtype, frame_data=data, frame_offsets=offsets, **f)
 
-    def _track_episodes(self, grp: EnvGroup, rewards: np.ndarray, done: np.ndarray) -> None:
+    def _track_episodes(self, grp: EnvGroup, rewards: np.ndarray, clipped: np.ndarray,
+                        done: np.ndarray) -> None:
         live = grp.valid
         grp.ep_return += np.where(live, rewards, 0.0)
+        grp.ep_clipped_return += np.where(live, clipped, 0.0)
         grp.ep_length += live
         base = self.cfg.actor_index * self.cfg.envs_per_actor + grp.first
         for k in np.nonzero(done & live)[0]:
             self.episodes.append({"slot": base + int(k), "epsilon": float(grp.eps[k]),
-                                  "return": float(grp.ep_return[k]), "length": int(grp.ep_length[k])})
-            grp.ep_return[k] = 0.0
+                                  "return": float(grp.ep_return[k]),
+                                  "clipped_return": float(grp.ep_clipped_return[k]),
+                                  "length": int(grp.ep_length[k])})
+            grp.ep_return[k] = grp.ep_clipped_return[k] = 0.0
             grp.ep_length[k] = 0
+
+
+def newer_weights(have_incarnation: int, have_version: int, incarnation: int, version: int) -> bool:
+    """Take weights from another learner incarnation at once (a restarted learner counts its steps
+    from its checkpoint, or from 0), and from the same one only when they are newer."""
+    return incarnation != have_incarnation or version > have_version
 
 
 async def main_async(cfg: C.ActorConfig) -> None:
     """Wire the actor core to its sockets and run until stopped."""
     torch.set_num_threads(cfg.torch_threads)
     core = ActorCore(cfg)
+    print(f"{core.name}: acting copy {core.acting.label} ({core.acting.why}); CPU {cpu.detect().describe()}; "
+          f"restart {cfg.restart}, seed {core.seed}", flush=True)
     socks = Sockets(cfg.insecure, cfg.keys)
     exp = socks.connect(zmq.PUSH, cfg.experience, hwm=8)
     weights = socks.connect(zmq.SUB, cfg.weights, hwm=2, subscribe=True)
@@ -170,7 +226,7 @@ async def main_async(cfg: C.ActorConfig) -> None:
         while not stop.is_set() and (cfg.max_actor_steps == 0 or core.steps < cfg.max_actor_steps):
             if pending:
                 w = pending.pop()
-                core.set_weights(w.names, w.arrays, w.version)
+                core.set_weights(w.names, w.arrays, w.version, w.incarnation)
             chunk = core.step()
             if chunk is not None:
                 frames = encode(chunk)
@@ -187,7 +243,7 @@ async def main_async(cfg: C.ActorConfig) -> None:
             except WireError:
                 counters["rejected"] += 1
                 continue
-            if w.version > core.weights_version:
+            if newer_weights(core.weights_incarnation, core.weights_version, w.incarnation, w.version):
                 pending[:] = [w]
 
     async def report() -> None:
@@ -207,6 +263,7 @@ async def main_async(cfg: C.ActorConfig) -> None:
                 metrics={"actor/steps_per_s": sps, "actor/frames_per_s": sps * skip,
                          "actor/agent_steps": core.agent_steps, "actor/frames": core.agent_steps * skip,
                          "actor/weights_version": core.weights_version,
+                         "actor/acting_bits": core.acting.bits, "actor/acting_agreement": core.agreement,
                          "actor/rejected": counters["rejected"]})))
 
     try:

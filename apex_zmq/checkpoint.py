@@ -14,11 +14,17 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A failed write (disk full, a stop signal mid-save) keeps the old checkpoint; the half-written
+        # temporary would only fill the disk, as every pid leaves its own name.
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load(path: str | Path) -> dict:

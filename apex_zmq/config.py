@@ -80,9 +80,11 @@ class ActorConfig(Common):
     env_groups: int = _f(2, "Atari: groups the K envs are split into; one group steps while the "
                             "network acts on the next (1: no overlap)")
     acting_dtype: Literal["auto", "float32", "bfloat16", "int8"] = _f(
-        "auto", "number format of the actor's network copy (auto: int8 for Atari on x86 CPUs, "
-                "else bfloat16 where native, else float32)")
+        "auto", "number format of the actor's network copy (auto: int8 for Atari on x86 CPUs, with "
+                "7-bit activations where the CPU lacks VNNI; else bfloat16 where native, else float32)")
     max_actor_steps: int = _f(0, "stop after this many vector steps (0: run until stopped)")
+    restart: int = _f(0, "times this actor has been restarted (./run.sh's supervisor sets it); part of "
+                         "the seed of its envs and exploration, so a restarted actor plays fresh games")
 
 
 @dataclass
@@ -311,6 +313,7 @@ def validate(cfg: Any) -> None:
         need(0 <= cfg.actor_index < cfg.num_actors, "actor_index",
              f"must be in [0, {cfg.num_actors}), got {cfg.actor_index}")
         need(cfg.chunk_steps >= 1, "chunk_steps", f"must be >= 1, got {cfg.chunk_steps}")
+        need(cfg.restart >= 0, "restart", f"must be >= 0, got {cfg.restart}")
         need(cfg.acting_dtype != "int8" or cfg.env.startswith("ALE/"), "acting_dtype",
              f"int8 needs an Atari env (the Nature CNN), got --env {cfg.env}")
     if isinstance(cfg, RelayConfig):
@@ -346,3 +349,8 @@ def role_config(cls: type, values: dict[str, Any]) -> Any:
     """Build a role's config from a dict of (possibly more) settings."""
     own = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in own})
+
+
+# Exit code of a role that cannot run with what it was given (sysexits EX_CONFIG), such as a checkpoint
+# written for another network: a restart would fail the same way, so ./run.sh ends the run instead.
+CONFIG_ERROR_EXIT = 78

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .wire import SampleBatch, WireError, decompress_frames
+from .wire import SampleBatch, WireError, decompress_frames_tolerant
 
 
 @dataclass
@@ -24,32 +25,43 @@ class Batch:
     next_obs: torch.Tensor
     weight: torch.Tensor
     ids: np.ndarray
+    incarnation: int = 0  # of the replay server that sampled it (echoed in the priority update)
+    # Items whose observations do not decompress: not trained on, removed from the replay.
+    bad_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def batch_from_sample(s: SampleBatch, num_actions: int, device: torch.device,
                       pin: bool = False, channels_last: bool = False,
                       obs_spec: tuple[tuple[int, ...], str] | None = None) -> Batch:
     """Decompress a sample's frame table and build tensors; WireError if the sample is inconsistent
-    (or, given ``obs_spec`` = (shape, dtype), if its observations are not the env's)."""
+    (or, given ``obs_spec`` = (shape, dtype), if its observations are not the env's).
+
+    Items with an observation that does not decompress are left out and listed in ``bad_ids``
+    (one bad blob must not cost the whole batch, nor stay in the replay to spoil the next ones).
+    """
     if obs_spec is not None and (tuple(s.obs_shape), s.obs_dtype) != (tuple(obs_spec[0]), obs_spec[1]):
         raise WireError(f"observations {s.obs_dtype}{list(s.obs_shape)}, the network takes "
                         f"{obs_spec[1]}{list(obs_spec[0])}")
     if len(s.action) and int(s.action.max()) >= num_actions:
         raise WireError(f"action {int(s.action.max())} outside [0, {num_actions})")
-    frames = torch.from_numpy(decompress_frames(s.frame_data, s.frame_offsets, s.obs_shape, s.obs_dtype))
-    obs_idx = torch.from_numpy(s.obs_idx.astype(np.int64))
-    next_idx = torch.from_numpy(s.next_idx.astype(np.int64))
+    data, bad_frames = decompress_frames_tolerant(s.frame_data, s.frame_offsets, s.obs_shape, s.obs_dtype)
+    frames = torch.from_numpy(data)
+    bad = bad_frames[s.obs_idx] | bad_frames[s.next_idx]
+    keep = np.flatnonzero(~bad)
+    obs_idx = torch.from_numpy(s.obs_idx[keep].astype(np.int64))
+    next_idx = torch.from_numpy(s.next_idx[keep].astype(np.int64))
     tensors = dict(obs=frames[obs_idx], next_obs=frames[next_idx],
-                   action=torch.from_numpy(s.action.astype(np.int64)),
-                   ret=torch.from_numpy(s.ret.copy()), disc=torch.from_numpy(s.disc.copy()),
-                   weight=torch.from_numpy(s.weight.copy()))
+                   action=torch.from_numpy(s.action[keep].astype(np.int64)),
+                   ret=torch.from_numpy(s.ret[keep]), disc=torch.from_numpy(s.disc[keep]),
+                   weight=torch.from_numpy(s.weight[keep]))
     if pin:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
     tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
     if channels_last:
         for k in ("obs", "next_obs"):
             tensors[k] = tensors[k].contiguous(memory_format=torch.channels_last)
-    return Batch(ids=np.array(s.ids), **tensors)
+    return Batch(ids=np.array(s.ids[keep]), incarnation=s.incarnation,
+                 bad_ids=np.unique(np.asarray(s.ids)[bad]), **tensors)
 
 
 def double_dqn_td(online: nn.Module, target: nn.Module, b: Batch) -> torch.Tensor:

@@ -33,14 +33,16 @@ def ale_game(env_id: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", m.group(1)).lower()
 
 
-def make_vector_env(env_id: str, num_envs: int, seed: int, *, train: bool = True,
-                    num_threads: int = 0, repeat_action_probability: float = 0.0,
+def make_vector_env(env_id: str, num_envs: int, seed: int, *, num_threads: int = 0, repeat_action_probability: float = 0.0,
                     full_action_space: bool = False, max_frames: int = 108_000,
                     noop_max: int = 30, render_mode: str | None = None) -> gym.vector.VectorEnv:
     """``num_envs`` copies of ``env_id`` as one vector env with next-step autoreset.
 
     Atari uses ale-py's C++ ``AtariVectorEnv`` (84x84 grey, frame-skip 4 with max-pool, 4-frame
-    stack, no-op and fire resets, reward clipping; episodic life when training, as DQN does).
+    stack, no-op and fire resets) playing whole games with unclipped rewards, for training as for
+    evaluation: the actor clips rewards itself and ends the n-step return at a lost life (seen in
+    ``info["lives"]``) while the game goes on. (ale-py's ``episodic_life`` would reset the game at
+    every lost life, so training would only ever see first lives.)
     ``max_frames`` caps an episode in emulator frames (agent steps x 4). ``render_mode`` applies to
     gymnasium envs only (the Atari vector env renders nothing; its observations are the frames).
     """
@@ -50,8 +52,8 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, *, train: bool = True
 
         gym.register_envs(ale_py)
         env = AtariVectorEnv(
-            ale_game(env_id), num_envs, num_threads=num_threads, episodic_life=train,
-            reward_clipping=train, repeat_action_probability=repeat_action_probability,
+            ale_game(env_id), num_envs, num_threads=num_threads, episodic_life=False,
+            reward_clipping=False, repeat_action_probability=repeat_action_probability,
             full_action_space=full_action_space, max_num_frames_per_episode=max_frames,
             noop_max=noop_max)
     else:

@@ -72,7 +72,7 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
     latest: list[Weights] = []
     fresh = threading.Event()   # newer weights arrived
     halt = threading.Event()    # stop, as seen from the evaluation thread
-    state = {"reached": False, "evaluated_version": -1}
+    state = {"reached": False, "evaluated_version": (-1, -1)}  # (learner incarnation, version)
 
     async def receive_telemetry() -> None:
         while True:
@@ -86,7 +86,7 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
                 if why is not None:  # well-formed, but for another network: dropped, not a crash
                     raise WireError(why)
                 latest[:] = [w]
-                if latest[0].version != state["evaluated_version"]:
+                if (latest[0].incarnation, latest[0].version) != state["evaluated_version"]:
                     fresh.set()
             except WireError:
                 monitor.rejected += 1
@@ -100,14 +100,14 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
         while not halt.is_set():
             fresh.wait()
             fresh.clear()
-            if halt.is_set() or not latest or latest[0].version == state["evaluated_version"]:
+            if halt.is_set() or not latest or (latest[0].incarnation, latest[0].version) == state["evaluated_version"]:
                 continue
             w = latest[0]
             load_arrays(net, w.names, w.arrays)
             res = evaluate(net, cfg.env, cfg.eval_episodes, cfg.eval_epsilon, cfg.seed + 7919 * n,
                            protocol.name, cfg.eval_max_frames)
             n += 1
-            state["evaluated_version"] = w.version
+            state["evaluated_version"] = (w.incarnation, w.version)
             now = time.time()
             stats = res.summary()  # protocol, episodes, mean, std, min, max (+ hns, return_5min/30min)
             summary = {"time": now, "elapsed_s": now - started, "learner_steps": w.version, **stats}

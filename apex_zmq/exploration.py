@@ -32,3 +32,13 @@ def epsilon_greedy(q: np.ndarray, eps: np.ndarray, rng: np.random.Generator) -> 
     random = rng.integers(0, q.shape[1], size=q.shape[0])
     explore = rng.random(q.shape[0]) < eps
     return np.where(explore, random, greedy).astype(np.int64)
+
+
+def actor_seed(base: int, actor_index: int, restart: int, num_envs: int) -> int:
+    """Seed of one actor incarnation's envs (env k gets ``seed + k``) and exploration stream.
+
+    Distinct for every (base, actor, restart): a restarted actor plays fresh games and draws fresh
+    exploration noise instead of repeating what it sent before it crashed.
+    """
+    state = np.random.SeedSequence([base, actor_index, restart]).generate_state(1, dtype=np.uint32)[0]
+    return int(state) % (2**31 - num_envs)  # env seeds seed..seed+K-1 stay in ale-py's int32 range

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
 from . import config as C
 
@@ -28,6 +28,7 @@ class Role:
     argv: list[str]
     log: Path
     echo: bool = False
+    tell_restart: bool = False   # pass ``--restart N`` (actors: fresh seeds after a restart)
     proc: subprocess.Popen | None = None
     started: float = 0.0
     restarts: int = 0            # restarts in a row (reset once the role has run a while)
@@ -61,15 +62,33 @@ def _pump(stream: IO[bytes], log: Path, echo: bool) -> None:
             sys.stdout.flush()
 
 
+def restart_delay(restarts_in_a_row: int) -> float:
+    """Seconds before restarting a role that has already been restarted this many times in a row."""
+    # Doubling from 1 s: a passing hiccup costs a second, a crash loop does not spin; capped at 30 s
+    # so a role that comes back after a long outage (a lost host) is not left waiting for minutes.
+    return min(30.0, 2.0 ** restarts_in_a_row)
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a role's log, indented for the terminal."""
+    try:
+        text = log.read_bytes()[-64 * 1024:].decode(errors="replace")
+    except OSError:
+        return "    (no log)"
+    return "\n".join("    " + line for line in text.splitlines()[-lines:]) or "    (empty log)"
+
+
 class Supervisor:
     """Starts roles, restarts a crashed one with exponential backoff, stops all on request."""
 
     HEALTHY_AFTER_S = 60.0
 
-    def __init__(self, roles: list[Role], max_restarts: int, state_path: Path | None = None) -> None:
+    def __init__(self, roles: list[Role], max_restarts: int, state_path: Path | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.roles = roles
         self.max_restarts = max_restarts
         self.state_path = state_path  # roles.json: who runs as which pid, for operators and tests
+        self.clock = clock  # every start time and backoff deadline reads it (tests pass a fake one)
         self.stopping = threading.Event()
 
     def write_state(self) -> None:
@@ -85,16 +104,23 @@ class Supervisor:
     def start(self, role: Role) -> None:
         """Start (or restart) one role."""
         role.log.parent.mkdir(parents=True, exist_ok=True)
-        role.proc = subprocess.Popen(role.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        argv = role.argv + (["--restart", str(role.total_restarts)] if role.tell_restart else [])
+        role.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        role.started = time.monotonic()
+        role.started = self.clock()
         role.pump = threading.Thread(target=_pump, args=(role.proc.stdout, role.log, role.echo), daemon=True)
         role.pump.start()
         self.write_state()
 
+    def _last_words(self, role: Role) -> str:
+        """The end of ``role``'s log, once its pump has copied the exited process's last output."""
+        if role.pump is not None:
+            role.pump.join(timeout=2)
+        return log_tail(role.log)
+
     def poll(self) -> str | None:
         """Check every role once; returns 'finished', 'failed' or None (still running)."""
-        now = time.monotonic()
+        now = self.clock()
         for role in self.roles:
             if role.proc is None:
                 if now >= role.next_start:
@@ -107,11 +133,17 @@ class Supervisor:
                 continue
             if role.name == "evaluator" and code == 0:
                 return "finished"
+            if code == C.CONFIG_ERROR_EXIT:
+                # The role says its settings cannot work (another network's checkpoint, say): every
+                # restart would fail the same way, so end the run now and show why.
+                print(f"run.sh: {role.name} stopped on a configuration error (exit code {code}); not "
+                      f"restarting it. The end of {role.log}:\n{self._last_words(role)}", flush=True)
+                return "failed"
             if role.restarts >= self.max_restarts:
                 print(f"run.sh: {role.name} exited with code {code} {role.restarts + 1} times in a row; "
-                      f"giving up (see {role.log})", flush=True)
+                      f"giving up. The end of {role.log}:\n{self._last_words(role)}", flush=True)
                 return "failed"
-            delay = min(30.0, 2.0 ** role.restarts)
+            delay = restart_delay(role.restarts)
             print(f"run.sh: {role.name} exited with code {code}; restarting in {delay:.0f}s "
                   f"(see {role.log})", flush=True)
             role.restarts += 1
@@ -126,6 +158,7 @@ class Supervisor:
         live = [r.proc for r in self.roles if r.proc is not None and r.proc.poll() is None]
         for p in live:
             p.send_signal(signal.SIGTERM)
+        # Real time, not self.clock: this deadline bounds real waits on real processes.
         deadline = time.monotonic() + timeout
         for p in live:
             try:
@@ -136,6 +169,32 @@ class Supervisor:
         for r in self.roles:
             if r.pump is not None:
                 r.pump.join(timeout=2)
+
+
+def supervise(sup: Supervisor, stop: threading.Event, max_seconds: float = 0.0,
+              period: float = 0.5) -> str:
+    """Poll ``sup`` every ``period`` s until a role ends the run, ``stop`` is set or ``max_seconds``
+    (0: no limit) pass on its clock; stops every role and returns the outcome: 'finished', 'failed',
+    'time limit' or 'interrupted'."""
+    started = sup.clock()
+    outcome = "interrupted"
+    try:
+        while not stop.wait(period):
+            result = sup.poll()
+            if result is not None:
+                outcome = result
+                break
+            if max_seconds and sup.clock() - started > max_seconds:
+                outcome = "time limit"
+                break
+    finally:
+        sup.stop_all()
+    return outcome
+
+
+def exit_code(outcome: str) -> int:
+    """``./run.sh``'s exit status for an outcome of ``supervise``: non-zero only when the run failed."""
+    return 1 if outcome == "failed" else 0
 
 
 def build_roles(cfg: C.LaunchConfig, config_path: Path) -> list[Role]:
@@ -149,8 +208,8 @@ def build_roles(cfg: C.LaunchConfig, config_path: Path) -> list[Role]:
     roles = [Role("evaluator", argv("evaluator"), logs / "evaluator.log", echo=True),
              Role("replay_server", argv("replay_server"), logs / "replay_server.log"),
              Role("learner", argv("learner"), logs / "learner.log")]
-    roles += [Role(f"actor-{i}", argv("actor", "--actor-index", str(i)), logs / f"actor-{i}.log")
-              for i in range(cfg.num_actors)]
+    roles += [Role(f"actor-{i}", argv("actor", "--actor-index", str(i)), logs / f"actor-{i}.log",
+                   tell_restart=True) for i in range(cfg.num_actors)]
     return roles
 
 
@@ -189,22 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     started = time.monotonic()
-    outcome = "interrupted"
-    try:
-        while not stop.wait(0.5):
-            result = sup.poll()
-            if result is not None:
-                outcome = result
-                break
-            if cfg.max_seconds and time.monotonic() - started > cfg.max_seconds:
-                outcome = "time limit"
-                break
-    finally:
-        sup.stop_all()
+    outcome = supervise(sup, stop, cfg.max_seconds)
     restarts = {r.name: r.total_restarts for r in roles if r.total_restarts}
     print(f"run.sh: stopped ({outcome}) after {time.monotonic() - started:.0f}s"
           + (f"; restarts: {json.dumps(restarts)}" if restarts else ""), flush=True)
-    return 1 if outcome == "failed" else 0
+    return exit_code(outcome)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import queue
 import sys
 import time
 
+import numpy as np
 import torch
 import zmq
 
@@ -17,7 +18,7 @@ from .dqn import DQNLearner, batch_from_sample
 from .envs import env_spec
 from .networks import build_network, state_arrays
 from .transport import Sockets, call_in_loop, get_until, install_stop, put_until, run_role
-from .wire import PriorityUpdate, Telemetry, Weights, WireError, decode_sample, encode
+from .wire import PriorityUpdate, Telemetry, Weights, WireError, decode_sample, encode, new_incarnation
 
 
 def pick_device(name: str) -> torch.device:
@@ -46,8 +47,26 @@ class LearnerCore:
         self.ckpt_path = checkpoint.last_path(cfg.run_dir)
         self.resumed_from = -1
         if self.ckpt_path.exists():
-            self.learner.load_state_dict(checkpoint.load(self.ckpt_path))
+            state = checkpoint.load(self.ckpt_path)
+            written = (state.get("env"), state.get("hidden"))  # None: a checkpoint that does not say
+            fits = all(w in (None, own) for w, own in zip(written, (cfg.env, cfg.hidden)))
+            detail = ""
+            if fits:
+                try:
+                    self.learner.load_state_dict(state)
+                except RuntimeError as e:  # shapes differ all the same (unsaid flags, a changed network)
+                    lines = str(e).strip().splitlines()  # torch: a header, then one line per tensor
+                    fits, detail = False, f" ({lines[min(1, len(lines) - 1)].strip()})"
+            if not fits:
+                # Another network's checkpoint fails the same way on every restart: stop with the
+                # code the supervisor does not restart, naming both networks and the way out.
+                print(f"learner: {self.ckpt_path} was written for --env {written[0] or '?'} "
+                      f"--hidden {written[1] or '?'}; this run has --env {cfg.env} --hidden {cfg.hidden}: "
+                      f"use another --run-dir or the same flags{detail}", file=sys.stderr, flush=True)
+                raise SystemExit(C.CONFIG_ERROR_EXIT)
             self.resumed_from = self.learner.steps
+        self.incarnation = new_incarnation()  # actors take a restarted learner's weights at once
+        self.bad_items = 0  # sampled items whose observations did not decompress (removed from replay)
         self.loss = float("nan")
         self.wait_s = 0.0   # time the training loop waited for a batch (after the first)
         self.train_s = 0.0  # time spent in training steps
@@ -56,7 +75,7 @@ class LearnerCore:
         """The current network as an encoded weights message."""
         names, arrays = state_arrays(self.learner.net)
         return encode(Weights(sender="learner", seq=seq, version=self.learner.steps, names=names,
-                              arrays=arrays))
+                              arrays=arrays, incarnation=self.incarnation))
 
     def save(self) -> None:
         """Write ``last.pt`` atomically."""
@@ -113,9 +132,11 @@ async def main_async(cfg: C.LearnerConfig) -> None:
             t1 = time.perf_counter()
             if learner.steps > max(core.resumed_from, 0):  # waiting for the very first batch is start-up
                 core.wait_s += t1 - t0
-            new_prios, core.loss = learner.step(b)
+            new_prios, core.loss = learner.step(b) if len(b.ids) else (np.zeros(0, np.float32), core.loss)
             core.train_s += time.perf_counter() - t1
-            msg = encode(PriorityUpdate(sender="learner", seq=learner.steps, ids=b.ids, priority=new_prios))
+            core.bad_items += len(b.bad_ids)
+            msg = encode(PriorityUpdate(sender="learner", seq=learner.steps, ids=b.ids, priority=new_prios,
+                                        incarnation=b.incarnation, remove=b.bad_ids))
             call_in_loop(loop, lambda: prios.send_multipart(msg, copy=False), stop)
             now = time.monotonic()
             if now - last_weights >= cfg.weights_period:
@@ -140,7 +161,7 @@ async def main_async(cfg: C.LearnerConfig) -> None:
             steps = core.learner.steps
             busy = (core.wait_s - last_wait) + (core.train_s - last_train)
             metrics = {"learner/steps": steps, "learner/steps_per_s": (steps - last_steps) / (now - last),
-                       "learner/rejected": counts["rejected"],
+                       "learner/rejected": counts["rejected"], "learner/bad_items": core.bad_items,
                        "perf/learner_wait_fraction": (core.wait_s - last_wait) / busy if busy > 0 else 0.0}
             if math.isfinite(core.loss):  # telemetry carries finite numbers only
                 metrics["learner/loss"] = core.loss

@@ -6,11 +6,13 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from .cpu import CpuCaps
 from .envs import EnvSpec
 
 
@@ -25,9 +27,13 @@ class Dueling(nn.Module):
                                        nn.Linear(hidden, num_actions))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        h = self.torso(obs)
-        a = self.advantage(h)
-        return self.value(h) + a - a.mean(dim=1, keepdim=True)
+        h = self.torso(obs)  # bf16 under autocast: the convolutions are where mixed precision pays
+        # The heads, and so Q, the TD error, the loss and the priorities, stay float32 under
+        # autocast: bf16 rounds Q ~ 10 to ~0.05, as large as the TD errors the learner must resolve.
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            a = self.advantage(h)
+            return self.value(h) + a - a.mean(dim=1, keepdim=True)
 
 
 class NatureTorso(nn.Module):
@@ -56,14 +62,6 @@ def build_network(spec: EnvSpec, hidden: int) -> Dueling:
     return Dueling(torso, hidden, hidden, spec.num_actions)
 
 
-def bf16_supported() -> bool:
-    """True where the CPU runs bfloat16 convolutions and matmuls natively (AVX512-BF16, AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def int8_engine() -> str | None:
     """torch's int8 kernel engine for x86 CPUs (fbgemm / oneDNN, VNNI where present), or None."""
     engines = torch.backends.quantized.supported_engines
@@ -73,31 +71,66 @@ def int8_engine() -> str | None:
 ACTING_DTYPES = ("auto", "float32", "bfloat16", "int8")
 
 
-def resolve_acting_dtype(name: str, conv: bool) -> str:
-    """The acting copy's number format for the ``--acting-dtype`` setting.
+@dataclass(frozen=True)
+class ActingChoice:
+    """The acting copy's number format, and why it was chosen (for the actor's log)."""
 
-    ``auto``: int8 for the Nature CNN on x86 CPUs (about 1.8x faster than bf16 here, Q values as
-    close to float32 as bf16's), else bfloat16 where the CPU has it natively, else float32.
+    dtype: str       # "float32", "bfloat16" or "int8"
+    levels: int = 0  # int8 only: activation levels, 255 (8 bits) or 127 (7 bits: no VNNI, see below)
+    why: str = ""
+
+    @property
+    def bits(self) -> int:
+        """Bits per activation: 32, 16, 8 or 7 (``actor/acting_bits`` on telemetry)."""
+        return {"float32": 32, "bfloat16": 16}.get(self.dtype, 8 if self.levels == 255 else 7)
+
+    @property
+    def label(self) -> str:
+        return "int8 (7-bit activations)" if self.bits == 7 else self.dtype
+
+
+def choose_acting(name: str, conv: bool, caps: CpuCaps, engine: str | None) -> ActingChoice:
+    """The acting copy for ``--acting-dtype name`` on a CPU with ``caps`` and int8 ``engine``.
+
+    ``auto``: int8 for the Nature CNN on x86 CPUs (about 2x faster than float32), else bfloat16
+    where the CPU has it natively, else float32. Without VNNI, fbgemm's u8 x s8 kernels add pairs of
+    products in 16 bits (``vpmaddubsw``), which saturates for 8-bit activations (255 x 127 x 2 >
+    32767) and put Q values off by 5-13% of their scale; 7-bit activations (127 x 127 x 2 < 32767)
+    cannot saturate, so int8 uses them there.
     """
     if name not in ACTING_DTYPES:
         raise ValueError(f"acting dtype must be one of {ACTING_DTYPES}, got {name!r}")
     if name == "int8" and not conv:
         raise ValueError("int8 acting needs the Nature CNN (an Atari env); use float32 or bfloat16")
-    if name == "int8" and int8_engine() is None:
+    if name == "int8" and engine is None:
         raise ValueError("int8 acting needs torch's x86 int8 kernels (fbgemm/oneDNN), absent on this CPU")
-    if name != "auto":
-        return name
-    if conv and int8_engine() is not None:
-        return "int8"
-    return "bfloat16" if bf16_supported() else "float32"
+    if name == "float32":
+        return ActingChoice("float32", why="asked for")
+    if name == "bfloat16":
+        return ActingChoice("bfloat16", why="asked for" + ("" if caps.bf16 else
+                                                            " (emulated on this CPU: slow)"))
+    if name == "int8" or (conv and caps.x86 and engine is not None):
+        origin = "asked for" if name == "int8" else "auto: Nature CNN on x86"
+        if caps.vnni:
+            return ActingChoice("int8", 255, f"{origin}; VNNI accumulates in 32 bits")
+        return ActingChoice("int8", 127, f"{origin}; no VNNI: 7-bit activations cannot saturate")
+    if caps.bf16:
+        return ActingChoice("bfloat16", why="auto: native bfloat16")
+    return ActingChoice("float32", why="auto: " + ("an MLP" if not conv else "no int8 kernels")
+                        + ", no native bfloat16")
 
 
-def make_acting_network(net: Dueling, name: str = "auto") -> nn.Module:
-    """The inference-only acting copy of ``net`` in the format ``--acting-dtype`` asks for."""
-    kind = resolve_acting_dtype(name, isinstance(net.torso, NatureTorso))
-    if kind == "int8":
-        return Int8ActingNetwork(net)
-    return ActingNetwork(net, torch.bfloat16 if kind == "bfloat16" else torch.float32)
+def make_acting_network(net: Dueling, choice: ActingChoice) -> nn.Module:
+    """The inference-only acting copy of ``net`` in the format ``choice`` says."""
+    if choice.dtype == "int8":
+        return Int8ActingNetwork(net, levels=choice.levels)
+    return ActingNetwork(net, torch.bfloat16 if choice.dtype == "bfloat16" else torch.float32)
+
+
+def greedy_agreement(q: torch.Tensor | np.ndarray, q_ref: torch.Tensor | np.ndarray) -> float:
+    """Fraction of rows whose greedy action under ``q`` is the one under the float32 ``q_ref``."""
+    a, b = np.asarray(q).argmax(axis=1), np.asarray(q_ref).argmax(axis=1)
+    return float((a == b).mean()) if len(a) else 1.0
 
 
 class ActingNetwork(nn.Module):
@@ -148,25 +181,29 @@ class Int8ActingNetwork(nn.Module):
     """An int8 acting copy of a Nature-CNN ``Dueling`` network for CPUs (fbgemm/oneDNN kernels).
 
     Weights are quantized per output channel (symmetric int8), each ReLU's output per tensor
-    (uint8, zero point 0) with a scale calibrated on the observations the copy acts on: ``sync``
-    marks the copy stale and its next call re-quantizes, running the float copy over up to
-    ``calibration`` observations spread over that call's own batch first (~40 ms, once per
-    weights update), so the scales follow the network as it trains. Observations enter as a zero-copy
-    quint8 view of the uint8 frames (scale 1: the 1/255 is folded into the first conv); the two
-    small output layers of the dueling heads run in float32. Q values agree with float32 about as
-    closely as bf16's do; returns float32 Q values.
+    (uint8, zero point 0, ``levels`` steps from 0 to its max) with a scale calibrated on the
+    observations the copy acts on: ``sync`` marks the copy stale and its next call re-quantizes,
+    running the float copy over up to ``calibration`` observations spread over that call's own batch
+    first (~40 ms, once per weights update), so the scales follow the network as it trains. Frames
+    enter as a zero-copy quint8 view (scale 1; the 1/255 is folded into the first conv), or halved
+    (scale 2) with 7-bit activations (``levels=127``, for CPUs without VNNI: see ``choose_acting``).
+    The two small output layers of the dueling heads run in float32. Returns float32 Q values.
+    ``agreement``: how often the greedy action matched float32's on the last calibration batch.
     """
 
     calibration = 16  # observations per re-quantization pass
 
-    def __init__(self, net: Dueling) -> None:
+    def __init__(self, net: Dueling, levels: int = 255) -> None:
         super().__init__()
         from torch.ao.nn.intrinsic import quantized as nniq  # only this path needs torch.ao
 
         engine = int8_engine()
         if engine is None or not isinstance(net.torso, NatureTorso):
             raise ValueError("int8 acting needs the Nature CNN and torch's x86 int8 kernels")
+        if levels not in (127, 255):
+            raise ValueError(f"int8 activation levels must be 127 or 255, got {levels}")
         torch.backends.quantized.engine = engine
+        self.levels = levels
         self.ref = ActingNetwork(net, torch.float32)  # float weights: calibration and the output layers
         # A tuple, not a ModuleList: these are the float copy's own layers, registered under ref.
         self._float_convs = tuple(m for m in self.ref.torso.net if isinstance(m, nn.Conv2d))
@@ -176,6 +213,7 @@ class Int8ActingNetwork(nn.Module):
             self.head = nniq.LinearReLU(self.ref.head.in_features, self.ref.head.out_features)
         self.hidden = self.ref.hidden
         self.stale = True
+        self.agreement = 1.0
 
     def sync(self, net: Dueling) -> None:
         """Copy the weights of ``net``; quantized at the next call, calibrated on its batch."""
@@ -186,28 +224,38 @@ class Int8ActingNetwork(nn.Module):
     def _quantize(self, obs: torch.Tensor) -> None:
         with _quiet_int8():
             step = -(-len(obs) // self.calibration)  # spread over the batch's envs
-            x = obs[::step].float()
+            sample = obs[::step]
+            x = sample.float()
             for conv, q in zip(self._float_convs, self.convs):
                 x = torch.relu(conv(x))
                 q.set_weight_bias(_int8_per_channel(conv.weight), conv.bias)
-                q.scale, q.zero_point = _relu_scale(x), 0
+                q.scale, q.zero_point = _relu_scale(x, self.levels), 0
             h = torch.relu(self.ref.head(x.flatten(1)))
             self.head.set_weight_bias(_int8_per_channel(self.ref.head.weight), self.ref.head.bias)
-            self.head.scale, self.head.zero_point = _relu_scale(h), 0
-        self.stale = False
+            self.head.scale, self.head.zero_point = _relu_scale(h, self.levels), 0
+            self.stale = False
+            self.agreement = greedy_agreement(self._int8_q(sample), self._dueling(h))
+
+    def _dueling(self, h: torch.Tensor) -> torch.Tensor:
+        a = self.ref.advantage_out(h[:, self.hidden:])
+        return self.ref.value_out(h[:, :self.hidden]) + a - a.mean(dim=1, keepdim=True)
+
+    def _int8_q(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.levels == 255:
+            # Pixel values 0..255 are exactly quint8 with scale 1, zero point 0: a view, no conversion.
+            x = torch._make_per_tensor_quantized_tensor(obs.contiguous(), 1.0, 0)
+        else:  # 7 bits: pixels halved (one pass over uint8), scale 2
+            x = torch._make_per_tensor_quantized_tensor(torch.bitwise_right_shift(obs, 1).contiguous(), 2.0, 0)
+        for conv in self.convs:
+            x = conv(x)
+        return self._dueling(self.head(x.flatten(1)).dequantize())
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if obs.dtype != torch.uint8:
             raise TypeError(f"int8 acting expects uint8 frames, got {obs.dtype}")
         if self.stale:
             self._quantize(obs)
-        # Pixel values 0..255 are exactly quint8 with scale 1, zero point 0: a view, no conversion.
-        x = torch._make_per_tensor_quantized_tensor(obs.contiguous(), 1.0, 0)
-        for conv in self.convs:
-            x = conv(x)
-        h = self.head(x.flatten(1)).dequantize()
-        a = self.ref.advantage_out(h[:, self.hidden:])
-        return self.ref.value_out(h[:, :self.hidden]) + a - a.mean(dim=1, keepdim=True)
+        return self._int8_q(obs)
 
 
 @contextlib.contextmanager
@@ -229,9 +277,9 @@ def _int8_per_channel(w: torch.Tensor) -> torch.Tensor:
     return torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
 
 
-def _relu_scale(x: torch.Tensor) -> float:
-    """quint8 scale that spans a ReLU output's observed range [0, max]."""
-    return float(x.max().clamp_min(1e-6)) / 255.0
+def _relu_scale(x: torch.Tensor, levels: int) -> float:
+    """quint8 scale that spans a ReLU output's observed range [0, max] in ``levels`` steps."""
+    return float(x.max().clamp_min(1e-6)) / levels
 
 
 def state_arrays(net: nn.Module) -> tuple[list[str], list[np.ndarray]]:

@@ -85,9 +85,9 @@ def make_eval_env(env_id: str, num_envs: int, seed: int, protocol: Protocol, *, 
     RGB frames (Atari frames come from the observations instead).
     """
     if protocol is PLAIN or not is_atari(env_id):
-        return make_vector_env(env_id, num_envs, seed, train=False,
+        return make_vector_env(env_id, num_envs, seed,
                                render_mode="rgb_array" if render else None)
-    return make_vector_env(env_id, num_envs, seed, train=False,  # unclipped rewards, whole games
+    return make_vector_env(env_id, num_envs, seed,  # unclipped rewards, whole games
                            repeat_action_probability=protocol.repeat_action_probability,
                            full_action_space=protocol.full_action_space,
                            max_frames=max_frames or protocol.max_frames, noop_max=protocol.noop_max)

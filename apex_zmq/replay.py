@@ -63,6 +63,7 @@ class PrioritizedReplay:
         self.obs_shape: tuple[int, ...] | None = None
         self.obs_dtype: str | None = None
         self.stale_updates = 0
+        self.removed = 0
         self.stored_bytes = 0
 
     @property
@@ -121,18 +122,28 @@ class PrioritizedReplay:
             else:
                 self._live[cid] = left
 
+    @property
+    def sampleable(self) -> bool:
+        """Some stored item has a priority above 0 (removed items have 0)."""
+        return self.size > 0 and self.tree.total > 0
+
     def sample(self, batch_size: int, beta: float, seq: int = 0) -> SampleBatch:
         """A stratified proportional sample of ``batch_size`` items with IS weights."""
-        if self.size == 0:
-            raise ValueError("cannot sample from an empty replay")
+        if not self.sampleable:
+            raise ValueError("cannot sample: the replay holds no item with a priority above 0")
         total = self.tree.total
         bounds = (np.arange(batch_size) + self.rng.random(batch_size)) * (total / batch_size)
         slots = self.tree.find(np.minimum(bounds, np.nextafter(total, 0)))
+        for _ in range(4):
+            # Float rounding at a segment edge can land on a zero leaf (an empty or removed slot):
+            # draw those again anywhere.
+            bad = (self.tree.get(slots) <= 0) | (slots >= self.size)
+            if not bad.any():
+                break
+            slots[bad] = self.tree.find(self.rng.random(int(bad.sum())) * np.nextafter(total, 0))
+        else:
+            slots = slots[~bad]  # vanishingly rare: a slightly smaller batch
         prios = self.tree.get(slots)
-        bad = (prios <= 0) | (slots >= self.size)
-        if bad.any():  # float rounding at a segment edge: fall back to the newest item
-            slots[bad] = (self.next_id - 1) % self.capacity
-            prios = self.tree.get(slots)
         return self._gather(slots, importance_weights(prios, total, self.size, beta), seq)
 
     def _gather(self, slots: np.ndarray, weights: np.ndarray, seq: int) -> SampleBatch:
@@ -163,6 +174,16 @@ class PrioritizedReplay:
         live = (ids >= 0) & (self.ids[slots] == ids)
         self.stale_updates += int((~live).sum())
         self.tree.set(slots[live], self._priority(np.asarray(priorities)[live]))
+        return int(live.sum())
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Never sample these items again (priority 0; their slots are reused as usual). Ids no
+        longer stored are ignored. Returns how many were removed."""
+        ids = np.asarray(ids, dtype=np.int64)
+        slots = ids % self.capacity
+        live = (ids >= 0) & (self.ids[slots] == ids)
+        self.tree.set(slots[live], np.zeros(int(live.sum())))
+        self.removed += int(live.sum())
         return int(live.sum())
 
     def priorities(self, ids: np.ndarray) -> np.ndarray:

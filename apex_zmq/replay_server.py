@@ -13,7 +13,7 @@ from . import config as C
 from .envs import env_spec
 from .replay import PrioritizedReplay, annealed_beta
 from .transport import Sockets, install_stop, run_role
-from .wire import Telemetry, WireError, decode_experience, decode_priorities, encode
+from .wire import Telemetry, WireError, decode_experience, decode_priorities, encode, new_incarnation
 
 # Yield to the other tasks after this many back-to-back messages on one socket, so a flood of
 # experience cannot starve sampling (an awaited zmq future that is already done does not yield).
@@ -39,8 +39,11 @@ class ReplayService:
         else:
             self.replay = PrioritizedReplay(cfg.capacity, cfg.alpha, seed=cfg.seed)
         self.counts = {"inserted": 0, "sampled": 0, "updated": 0, "rejected_experience": 0,
-                       "rejected_priorities": 0}
+                       "rejected_priorities": 0, "stale_incarnation": 0}
         self.batches = 0
+        # Ids restart (or, from a snapshot, rewind) when this process restarts: updates for the ids of
+        # an earlier incarnation would land on other items, so they carry this id and are checked.
+        self.incarnation = new_incarnation()
 
     def on_experience(self, frames: list) -> bool:
         """Store a chunk; a malformed one or one for another env is dropped and counted."""
@@ -64,19 +67,25 @@ class ReplayService:
         except WireError:
             self.counts["rejected_priorities"] += 1
             return False
+        if upd.incarnation != self.incarnation:  # sampled before this server (re)started
+            self.counts["stale_incarnation"] += len(upd.ids) + len(upd.remove)
+            self.replay.stale_updates += len(upd.ids) + len(upd.remove)
+            return True
         self.counts["updated"] += self.replay.update(upd.ids, upd.priority)
+        self.replay.remove(upd.remove)
         return True
 
     @property
     def ready(self) -> bool:
         """Enough transitions stored to start sampling."""
-        return self.replay.size >= self.cfg.min_size
+        return self.replay.size >= self.cfg.min_size and self.replay.sampleable
 
     def sample_frames(self) -> list:
         """Encode the next prioritized batch."""
         beta = annealed_beta(self.cfg.beta, self.batches, self.cfg.beta_anneal)
         self.batches += 1
         batch = self.replay.sample(self.cfg.batch_size, beta, seq=self.batches)
+        batch.incarnation = self.incarnation
         self.counts["sampled"] += len(batch.ids)
         return encode(batch)
 
@@ -108,8 +117,10 @@ async def main_async(cfg: C.ReplayConfig) -> None:
             await asyncio.sleep(0)
 
     async def serve() -> None:
-        await ready.wait()
         while True:
+            if not svc.ready:  # not enough yet, or every stored item was removed
+                ready.clear()
+                await ready.wait()
             # send waits while `prefetch` batches are already queued: that is the prefetch bound.
             await samples.send_multipart(svc.sample_frames(), copy=False)
             await asyncio.sleep(0)
@@ -131,7 +142,9 @@ async def main_async(cfg: C.ReplayConfig) -> None:
                          "replay/rejected_experience": svc.counts["rejected_experience"],
                          "replay/rejected_priorities": svc.counts["rejected_priorities"],
                          "replay/inserted": svc.counts["inserted"], "replay/updated": svc.counts["updated"],
-                         "replay/stale_updates": svc.replay.stale_updates})))
+                         "replay/stale_updates": svc.replay.stale_updates,
+                         "replay/stale_incarnation": svc.counts["stale_incarnation"],
+                         "replay/removed": svc.replay.removed})))
 
     async def snapshots() -> None:
         # The copy is taken on the loop (consistent), the slow write runs in a thread meanwhile.

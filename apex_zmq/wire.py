@@ -13,6 +13,7 @@ compresses, the replay server stores and forwards the blobs untouched, the learn
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -20,7 +21,10 @@ import lz4.block
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 2: learner and replay incarnations ("inc") on weights, samples and priority updates; removals
+# ("remove") in priority updates; "clipped_return" in training episodes.
+SCHEMA_VERSION = 2
+MAX_INCARNATION = 1 << 53  # incarnations are random 48-bit ids; exact in float64 and JavaScript
 # Fits a telemetry report with the most episodes the decoder takes (4096, ~64 bytes each): an actor
 # stepping short episodes fast (CartPole at the start) filled 64 KiB in one report, which was dropped.
 MAX_HEADER_BYTES = 1 << 20
@@ -76,6 +80,32 @@ def decompress_frames(data: memoryview | bytes, offsets: np.ndarray, shape: Sequ
     return np.frombuffer(out, dtype=dtype).reshape(len(offsets) - 1, *shape)
 
 
+def decompress_frames_tolerant(data: memoryview | bytes, offsets: np.ndarray, shape: Sequence[int],
+                               dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Like ``decompress_frames``, but a blob that does not decompress to one observation is zeroed
+    and flagged instead of failing the table: returns (frames [m, *shape], bad [m] bool).
+
+    The replay server never decompresses, so one corrupt blob from a buggy or rogue actor reaches
+    the learner inside otherwise good batches; the learner trains on the rest and removes its items.
+    """
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    view = memoryview(data)
+    m = len(offsets) - 1
+    out = bytearray(size * m)
+    bad = np.zeros(m, dtype=bool)
+    for j in range(m):
+        try:
+            raw = lz4.block.decompress(view[offsets[j]:offsets[j + 1]], uncompressed_size=size)
+        except lz4.block.LZ4BlockError:
+            bad[j] = True
+            continue
+        if len(raw) != size:
+            bad[j] = True
+            continue
+        out[j * size:(j + 1) * size] = raw
+    return np.frombuffer(out, dtype=dtype).reshape(m, *shape), bad
+
+
 # --------------------------------------------------------------------------- messages
 
 
@@ -114,6 +144,7 @@ class SampleBatch:
     ids: np.ndarray            # [n] int64 replay item ids
     weight: np.ndarray         # [n] float32 importance weights
     sender: str = "replay"
+    incarnation: int = 0       # the replay server process the ids belong to
 
 
 @dataclass
@@ -124,6 +155,8 @@ class PriorityUpdate:
     seq: int
     ids: np.ndarray       # [n] int64
     priority: np.ndarray  # [n] float32
+    incarnation: int = 0  # the replay incarnation of the sample the ids came from (stale if not current)
+    remove: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [r] int64: never sample again
 
 
 @dataclass
@@ -135,6 +168,7 @@ class Weights:
     version: int                   # learner steps when the snapshot was taken
     names: list[str]
     arrays: list[np.ndarray]
+    incarnation: int = 0           # the learner process: a restarted learner's weights are new ones
 
 
 @dataclass
@@ -157,10 +191,17 @@ _SCHEMAS: dict[str, dict[str, str]] = {
                    "priority": "float32"},
     "sample": {"frame_data": "uint8", "frame_offsets": "int64", **_TRANSITION_ARRAYS,
                "ids": "int64", "weight": "float32"},
-    "priorities": {"ids": "int64", "priority": "float32"},
+    "priorities": {"ids": "int64", "priority": "float32", "remove": "int64"},
 }
 ROLES = ("actor", "replay", "learner", "evaluator", "launcher", "relay")
-EPISODE_KEYS = ("slot", "epsilon", "return", "length")  # one finished training episode in telemetry
+# One finished training episode in telemetry: a whole game, its unclipped score ("return") and the
+# clipped one the learner trains on.
+EPISODE_KEYS = ("slot", "epsilon", "return", "clipped_return", "length")
+
+
+def new_incarnation() -> int:
+    """A random id for one process lifetime of the learner or the replay server (48 bits)."""
+    return int.from_bytes(os.urandom(6), "little")
 
 
 def _header(t: str, sender: str, seq: int, **extra: Any) -> dict[str, Any]:
@@ -190,13 +231,15 @@ def encode(msg: ExperienceChunk | SampleBatch | PriorityUpdate | Weights | Telem
         h = _header("experience", msg.sender, msg.seq, shape=list(msg.obs_shape), dtype=msg.obs_dtype)
         return _encode_arrays("experience", h, vars(msg))
     if isinstance(msg, SampleBatch):
-        h = _header("sample", msg.sender, msg.seq, shape=list(msg.obs_shape), dtype=msg.obs_dtype)
+        h = _header("sample", msg.sender, msg.seq, shape=list(msg.obs_shape), dtype=msg.obs_dtype,
+                    inc=int(msg.incarnation))
         return _encode_arrays("sample", h, vars(msg))
     if isinstance(msg, PriorityUpdate):
-        return _encode_arrays("priorities", _header("priorities", msg.sender, msg.seq), vars(msg))
+        return _encode_arrays("priorities", _header("priorities", msg.sender, msg.seq, inc=int(msg.incarnation)),
+                              vars(msg))
     if isinstance(msg, Weights):
         arrays = [np.asarray(a, order="C") for a in msg.arrays]  # (ascontiguousarray makes 0-d 1-d)
-        h = _header("weights", msg.sender, msg.seq, version=int(msg.version),
+        h = _header("weights", msg.sender, msg.seq, version=int(msg.version), inc=int(msg.incarnation),
                     a=[[n, str(a.dtype), list(a.shape)] for n, a in zip(msg.names, arrays)])
         return [msgpack.packb(h, use_bin_type=True)] + [a.data for a in arrays]
     if isinstance(msg, Telemetry):
@@ -241,6 +284,12 @@ def _parse_header(frames: Frames, expected_type: str) -> dict[str, Any]:
     _need(isinstance(h.get("s"), str) and len(h["s"]) <= 256, "sender must be a short string")
     _need(_is_int(h.get("q")) and h["q"] >= 0, f"sequence number must be an int >= 0, got {h.get('q')!r}")
     return h
+
+
+def _incarnation(h: dict[str, Any]) -> int:
+    inc = h.get("inc")
+    _need(_is_int(inc) and 0 <= inc < MAX_INCARNATION, f"incarnation must be an int in [0, 2^53), got {inc!r}")
+    return inc
 
 
 def _obs_spec(h: dict[str, Any]) -> tuple[tuple[int, ...], str]:
@@ -311,7 +360,7 @@ def decode_sample(frames: Frames) -> SampleBatch:
     _need(len(a["ids"]) == n and len(a["weight"]) == n, "ids/weight length differs from the batch")
     _need(n == 0 or a["ids"].min() >= 0, "negative item id")
     _need(bool(np.all(np.isfinite(a["weight"]))) and bool(np.all(a["weight"] >= 0)), "bad weights")
-    return SampleBatch(seq=h["q"], obs_shape=shape, obs_dtype=dtype, sender=h["s"], **a)
+    return SampleBatch(seq=h["q"], obs_shape=shape, obs_dtype=dtype, sender=h["s"], incarnation=_incarnation(h), **a)
 
 
 def decode_priorities(frames: Frames) -> PriorityUpdate:
@@ -320,8 +369,9 @@ def decode_priorities(frames: Frames) -> PriorityUpdate:
     a = _decode_arrays("priorities", h, frames)
     _need(len(a["ids"]) == len(a["priority"]), "ids and priorities differ in length")
     _need(len(a["ids"]) == 0 or a["ids"].min() >= 0, "negative item id")
+    _need(len(a["remove"]) == 0 or a["remove"].min() >= 0, "negative item id to remove")
     _check_priorities(a["priority"])
-    return PriorityUpdate(sender=h["s"], seq=h["q"], **a)
+    return PriorityUpdate(sender=h["s"], seq=h["q"], incarnation=_incarnation(h), **a)
 
 
 def decode_weights(frames: Frames) -> Weights:
@@ -330,6 +380,7 @@ def decode_weights(frames: Frames) -> Weights:
     specs = h.get("a")
     _need(_is_int(h.get("version")) and h["version"] >= 0,
           f"weights version must be an int >= 0, got {h.get('version')!r}")
+    inc = _incarnation(h)
     _need(isinstance(specs, list) and len(specs) == len(frames) - 1, "one array spec per frame expected")
     names, arrays = [], []
     for spec, frame in zip(specs, frames[1:]):
@@ -342,7 +393,7 @@ def decode_weights(frames: Frames) -> Weights:
         _need(len(buf) == math.prod(shape) * np.dtype(dtype).itemsize, f"{name}: size disagrees with shape")
         names.append(name)
         arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
-    return Weights(sender=h["s"], seq=h["q"], version=h["version"], names=names, arrays=arrays)
+    return Weights(sender=h["s"], seq=h["q"], version=h["version"], names=names, arrays=arrays, incarnation=inc)
 
 
 def decode_telemetry(frames: Frames) -> Telemetry:

@@ -43,7 +43,7 @@ from conftest import endpoint_flags, free_port_base  # noqa: E402
 
 def bare_env_rate(env_id: str, envs: int, threads: int, seconds: float) -> float:
     """Agent steps/s of the vector env alone with random actions."""
-    env = make_vector_env(env_id, envs, seed=1, train=True, num_threads=threads)
+    env = make_vector_env(env_id, envs, seed=1, num_threads=threads)
     try:
         rng = np.random.default_rng(0)
         n_actions = int(env.single_action_space.n)

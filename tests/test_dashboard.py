@@ -54,7 +54,7 @@ def tel(sender: str, role: str, metrics: dict[str, float] | None = None,
 
 
 def ep(slot: int, eps: float, ret: float) -> dict[str, Any]:
-    return {"slot": slot, "epsilon": eps, "return": ret, "length": 10}
+    return {"slot": slot, "epsilon": eps, "return": ret, "clipped_return": max(-1.0, min(1.0, ret)), "length": 10}
 
 
 # --------------------------------------------------------------------------- monitor (pure)

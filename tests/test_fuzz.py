@@ -35,7 +35,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import msgpack
 import numpy as np
@@ -447,18 +447,45 @@ def test_every_mutant_is_rejected_in_process(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the live run
 
 
-def latest_metrics(run_dir: Path) -> dict[str, float]:
-    """The newest value of every tag in the evaluator's metrics.csv (a half-written last line is skipped)."""
+T = TypeVar("T")
+POLL_S = 0.2        # between two looks at what is being waited for
+DEADLINE_S = 120.0  # generous: a wait ends as soon as its condition holds, a slow machine only takes longer
+
+
+def wait_until(what: str, probe: Callable[[], T], done: Callable[[T], bool], timeout: float = DEADLINE_S,
+               show: Callable[[T], object] = lambda seen: seen) -> T:
+    """Call ``probe`` every POLL_S seconds until ``done`` holds for what it returns, and return that.
+    After ``timeout`` seconds, fail naming ``what`` and showing (through ``show``) what was seen last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = probe()
+        if done(seen):
+            return seen
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {show(seen)}")
+        time.sleep(POLL_S)
+
+
+def metrics_history(run_dir: Path) -> dict[str, list[float]]:
+    """Every value of every tag in the evaluator's metrics.csv, oldest first. Only whole lines are read: a
+    line still being written is left for the next look (cut short, "4000" would read as "40")."""
     path = run_dir / "metrics.csv"
     if not path.exists():
         return {}
-    out: dict[str, float] = {}
-    for row in csv.DictReader(io.StringIO(path.read_text())):
+    text = path.read_text()
+    out: dict[str, list[float]] = {}
+    for row in csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1])):
         try:
-            out[row["tag"]] = float(row["value"])
+            value = float(row["value"])
         except (TypeError, ValueError, KeyError):
             continue
+        out.setdefault(row["tag"], []).append(value)
     return out
+
+
+def latest_metrics(run_dir: Path) -> dict[str, float]:
+    """The newest value of every tag in the evaluator's metrics.csv."""
+    return {tag: values[-1] for tag, values in metrics_history(run_dir).items()}
 
 
 class LiveRun:
@@ -482,18 +509,29 @@ class LiveRun:
             assert p.poll() is None, f"{name} exited with {p.returncode}:\n" \
                                      f"{(self.logs / f'{name}.log').read_text()[-3000:]}"
 
-    def wait_for(self, what: str, cond: Callable[[dict[str, float]], bool], timeout: float) -> dict[str, float]:
-        """Poll metrics.csv until ``cond`` holds; fail naming ``what`` and the last metrics."""
-        deadline = time.monotonic() + timeout
-        m: dict[str, float] = {}
-        while time.monotonic() < deadline:
-            self.check_alive()
-            m = latest_metrics(self.run_dir)
-            if cond(m):
-                return m
-            time.sleep(0.5)
-        pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; metrics: "
-                    f"{ {k: v for k, v in m.items() if 'rejected' in k or k in PROGRESS} }")
+    def history(self) -> dict[str, list[float]]:
+        self.check_alive()
+        return metrics_history(self.run_dir)
+
+    def wait_for(self, what: str, cond: Callable[[dict[str, float]], bool],
+                 timeout: float = DEADLINE_S) -> dict[str, float]:
+        """Poll metrics.csv until ``cond`` holds for the latest values; fail naming ``what`` and the last metrics."""
+        def probe() -> dict[str, float]:
+            return {tag: values[-1] for tag, values in self.history().items()}
+        return wait_until(what, probe, cond, timeout,
+                          show=lambda m: {k: v for k, v in m.items() if "rejected" in k or k in PROGRESS})
+
+    def settled(self, what: str, tags: list[str], reports: int = 3, timeout: float = DEADLINE_S) -> dict[str, float]:
+        """Wait until each of ``tags`` has been reported ``reports`` more times from now on, those last
+        ``reports`` times with one value (nothing is being counted any more); return the latest metrics."""
+        mark = {tag: len(values) for tag, values in metrics_history(self.run_dir).items()}
+
+        def done(h: dict[str, list[float]]) -> bool:
+            return all(len(h.get(t, ())) - mark.get(t, 0) >= reports and len(set(h[t][-reports:])) == 1
+                       for t in tags)
+        h = wait_until(what, self.history, done, timeout,
+                       show=lambda h: {t: h.get(t, [])[mark.get(t, 0):][-8:] for t in tags})
+        return {tag: values[-1] for tag, values in h.items()}
 
 
 PROGRESS = ("replay/inserted", "learner/steps")
@@ -576,7 +614,7 @@ def test_live_roles_survive_fuzzing(tmp_path: Path) -> None:
     try:
         before = run.wait_for("the run to learn (replay filling, learner stepping)",
                               lambda m: m.get("replay/inserted", 0) > 0 and m.get("learner/steps", 0) > 0
-                              and "eval/rejected" in m, 120)
+                              and "eval/rejected" in m)
         assert all(before.get(tag, 0) == 0 for tag in REJECTED.values()), before
 
         socks = {"experience": _push(ctx, endpoints["experience"]),
@@ -594,10 +632,11 @@ def test_live_roles_survive_fuzzing(tmp_path: Path) -> None:
                     del streams[kind]
         assert sent == LIVE_COUNTS
 
-        counted = run.wait_for("every malformed message to be counted",
-                               lambda m: all(m.get(REJECTED[k], 0) >= n for k, n in sent.items()), 60)
-        time.sleep(2.5)  # two more reports: nothing else gets counted afterwards
-        counted = latest_metrics(run.run_dir)
+        counted_tags = [*REJECTED.values(), "replay/rejected"]
+        run.wait_for("every malformed message to be counted",
+                     lambda m: all(m.get(REJECTED[k], 0) >= n for k, n in sent.items()))
+        # More reports, all the same: nothing else gets counted afterwards.
+        counted = run.settled("the rejected counts to stop changing", counted_tags)
         assert {k: counted.get(REJECTED[k]) for k in sent} == sent
         assert counted["replay/rejected"] == sent["experience"] + sent["priorities"]
         for s in socks.values():
@@ -607,8 +646,7 @@ def test_live_roles_survive_fuzzing(tmp_path: Path) -> None:
         # peer whose first byte is not 0xff, so some garbage arrives as messages: those must be
         # rejected like any other (counts only grow), but how many there are is libzmq's parsing.
         _transport_garbage(ctx, endpoints, np.random.default_rng(SEED))
-        time.sleep(2.5)
-        garbage = latest_metrics(run.run_dir)
+        garbage = run.settled("the rejected counts to stop changing after the raw garbage", counted_tags)
         assert all(garbage[REJECTED[k]] >= n for k, n in sent.items()), garbage
         run.check_alive()
 
@@ -622,7 +660,7 @@ def test_live_roles_survive_fuzzing(tmp_path: Path) -> None:
         # Valid traffic keeps flowing, and the oversized messages were not counted as received.
         after = latest_metrics(run.run_dir)
         run.wait_for("the replay and the learner to keep going after the fuzzing",
-                     lambda m: all(m.get(t, 0) > after[t] for t in PROGRESS), 30)
+                     lambda m: all(m.get(t, 0) > after[t] for t in PROGRESS))
         final = latest_metrics(run.run_dir)
         assert {k: final.get(REJECTED[k]) for k in sent} == {k: garbage[REJECTED[k]] for k in sent}
         print(f"fuzz: sent {sent}, all counted as rejected; raw garbage then added "

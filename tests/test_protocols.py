@@ -44,7 +44,7 @@ def test_eval_env_settings_reach_the_vector_env(monkeypatch: pytest.MonkeyPatch,
     seen: dict = {}
     monkeypatch.setattr(P, "make_vector_env", lambda *a, **kw: seen.update(kw) or "env")
     P.make_eval_env(PONG, 2, 0, P.PROTOCOLS[name])
-    assert seen == {"train": False, **expected}  # train=False: unclipped rewards, no episodic life
+    assert seen == expected
     P.make_eval_env(PONG, 2, 0, P.PROTOCOLS[name], max_frames=400)
     assert seen["max_frames"] == 400
 

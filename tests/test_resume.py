@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import ROOT, free_port_base
+from apex_zmq import checkpoint
+from apex_zmq import config as C
+from apex_zmq.learner import LearnerCore
+from conftest import ROOT, endpoint_flags, free_port_base
 
 
 def _launch(run_dir: Path, seconds: float) -> str:
@@ -51,3 +55,40 @@ def test_stopped_run_resumes_with_counters_and_keeps_learning(tmp_path: Path) ->
     later = [s for t, s in _learner_steps(run_dir / "metrics.csv") if t > end_first]
     assert later and min(later) >= steps1, "the learner's step counter restarted from zero"
     assert not torch.equal(state1["net"]["advantage.2.weight"], state2["net"]["advantage.2.weight"])
+
+
+def _cartpole_learner(run_dir: Path, hidden: int) -> LearnerCore:
+    return LearnerCore(C.LearnerConfig(env="CartPole-v1", hidden=hidden, run_dir=str(run_dir), device="cpu"))
+
+
+def test_checkpoint_of_another_network_stops_the_learner_naming_both(tmp_path: Path) -> None:
+    # What the supervisor sees: the learner program's exit code and its message, not a crash loop.
+    run_dir = tmp_path / "run"
+    _cartpole_learner(run_dir, 64).save()
+    argv = [sys.executable, "-m", "apex_zmq.learner", "--env", "CartPole-v1", "--run-dir", str(run_dir),
+            "--hidden", "32", "--device", "cpu", *endpoint_flags(free_port_base())]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 78, out.stdout[-3000:] + out.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    assert (f"learner: {ckpt} was written for --env CartPole-v1 --hidden 64; this run has "
+            f"--env CartPole-v1 --hidden 32: use another --run-dir or the same flags") in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_checkpoint_that_does_not_name_its_network_still_stops_on_a_shape_mismatch(
+        tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    _cartpole_learner(run_dir, 64).save()
+    assert _cartpole_learner(run_dir, 64).resumed_from == 0  # the same flags resume
+    ckpt = checkpoint.last_path(run_dir)
+    state = checkpoint.load(ckpt)
+    del state["env"], state["hidden"]  # as if written before checkpoints named their network
+    checkpoint.save_atomic(state, ckpt)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        _cartpole_learner(run_dir, 32)
+    assert stopped.value.code == C.CONFIG_ERROR_EXIT
+    err = capsys.readouterr().err
+    assert (f"learner: {ckpt} was written for --env ? --hidden ?; "
+            f"this run has --env CartPole-v1 --hidden 32") in err
+    assert "size mismatch" in err

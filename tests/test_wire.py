@@ -109,8 +109,8 @@ def make_weights() -> Weights:
 def make_telemetry() -> Telemetry:
     return Telemetry(sender="actor-0", seq=3, role="actor", time=1700000000.25,
                      metrics={"actor/steps_per_s": 1234.5, "actor/frames": 10.0},
-                     episodes=[{"slot": 3, "epsilon": 0.4, "return": 21.0, "length": 800},
-                               {"slot": 4, "epsilon": 0.01, "return": -3.5, "length": 12}])
+                     episodes=[{"slot": 3, "epsilon": 0.4, "return": 21.0, "clipped_return": 5.0, "length": 800},
+                               {"slot": 4, "epsilon": 0.01, "return": -3.5, "clipped_return": -2.0, "length": 12}])
 
 
 DECODERS = {"experience": decode_experience, "sample": decode_sample, "priorities": decode_priorities,
@@ -756,12 +756,12 @@ def test_rejects_bool_counts_and_dims():
 
 @pytest.mark.parametrize("change", [
     # the evaluator read e["return"] of every episode: a missing key raised KeyError and ended it
-    dict(e=[{}]), dict(e=[{"slot": 1, "epsilon": 0.1, "length": 3}]),
+    dict(e=[{}]), dict(e=[{"slot": 1, "epsilon": 0.1, "clipped_return": 1.0, "length": 3}]),
     # extra keys would become columns of actor_episodes.csv when first
-    dict(e=[{"slot": 1, "epsilon": 0.1, "return": 2.0, "length": 3, "extra": 1}]),
+    dict(e=[{"slot": 1, "epsilon": 0.1, "return": 2.0, "clipped_return": 1.0, "length": 3, "extra": 1}]),
     # non-finite numbers: int(inf) in the evaluator raised OverflowError
     dict(m={"learner/steps": math.inf}), dict(m={"learner/steps": -math.inf}), dict(m={"actor/x": math.nan}),
-    dict(m={"actor/x": True}), dict(e=[{"slot": 1, "epsilon": math.nan, "return": 2.0, "length": 3}]),
+    dict(m={"actor/x": True}), dict(e=[{"slot": 1, "epsilon": math.nan, "return": 2.0, "clipped_return": 1.0, "length": 3}]),
     dict(time=math.inf), dict(time=math.nan), dict(role=["actor"]),
 ])
 def test_telemetry_rejects_what_crashed_or_polluted_the_evaluator(change):
@@ -779,7 +779,7 @@ def test_telemetry_with_the_most_episodes_allowed_fits_the_header_limit():
     # An actor on CartPole reported ~1,300 short episodes in one period (88 KB): over the old 64 KiB
     # limit, the evaluator dropped the whole report.
     t = make_telemetry()
-    t.episodes = [{"slot": 1000 + i, "epsilon": 0.4 ** (1 + 7 * i / 4095), "return": 123.456 + i, "length": 100000 + i}
+    t.episodes = [{"slot": 1000 + i, "epsilon": 0.4 ** (1 + 7 * i / 4095), "return": 123.456 + i, "clipped_return": 12.0 + i, "length": 100000 + i}
                   for i in range(4096)]
     frames = encode(t)
     assert len(frames[0]) > 1 << 16

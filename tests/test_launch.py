@@ -1,0 +1,198 @@
+"""./run.sh's supervisor keeps its promises: restart backoff, giving up, the evaluator's exit ending the
+run, configuration errors ending it at once, and the launcher's exit status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from apex_zmq import config as C
+from apex_zmq.launch import Role, Supervisor, exit_code, restart_delay, supervise
+from conftest import ROOT, free_port_base
+
+# Tiny stand-ins for roles: real processes, so exit codes and pipes behave as in a run.
+CRASH = [sys.executable, "-c", "import sys; sys.exit(3)"]
+SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
+SUCCEED = [sys.executable, "-c", "pass"]
+CONFIG_ERROR = [sys.executable, "-u", "-c", "import sys\n"
+                "for i in range(30): print(f'early line {i}')\n"
+                "print('learner: last.pt was written for another network', file=sys.stderr)\n"
+                f"sys.exit({C.CONFIG_ERROR_EXIT})"]
+
+# The documented schedule, written out: restart n (from 0) in a row waits this many seconds.
+BACKOFF_S = [1, 2, 4, 8, 16, 30, 30]
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the test moves it."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def make_sup(tmp_path: Path):
+    """Build supervisors over stand-in roles; every role still running is stopped afterwards."""
+    made: list[Supervisor] = []
+
+    def make(roles: dict[str, list[str]], max_restarts: int = 5, clock=None) -> Supervisor:
+        rs = [Role(name, argv, tmp_path / "logs" / f"{name}.log") for name, argv in roles.items()]
+        sup = Supervisor(rs, max_restarts, tmp_path / "roles.json", **({"clock": clock} if clock else {}))
+        made.append(sup)
+        return sup
+
+    yield make
+    for sup in made:
+        sup.stop_all(timeout=5)
+
+
+def _role(sup: Supervisor, name: str) -> Role:
+    return next(r for r in sup.roles if r.name == name)
+
+
+def _start_and_crash(sup: Supervisor, role: Role) -> str | None:
+    """One life of ``role``: the poll that starts it, its exit, the poll that sees the exit."""
+    assert sup.poll() is None
+    assert role.proc is not None, "the role was not started"
+    role.proc.wait(30)
+    return sup.poll()
+
+
+def test_restart_delay_doubles_from_one_second_up_to_thirty() -> None:
+    assert [restart_delay(n) for n in range(len(BACKOFF_S))] == BACKOFF_S
+    assert restart_delay(50) == 30
+
+
+def test_crashing_role_is_restarted_on_the_backoff_schedule(make_sup) -> None:
+    clock = FakeClock()
+    sup = make_sup({"actor-0": CRASH}, max_restarts=len(BACKOFF_S), clock=clock)
+    role = _role(sup, "actor-0")
+    observed = []
+    for _ in BACKOFF_S:
+        assert _start_and_crash(sup, role) is None
+        assert role.proc is None
+        observed.append(role.next_start - clock.t)
+        clock.t = role.next_start - 0.01
+        assert sup.poll() is None and role.proc is None, "restarted before its backoff was over"
+        clock.t = role.next_start
+    assert observed == BACKOFF_S
+    assert role.total_restarts == len(BACKOFF_S)
+
+
+def test_gives_up_after_max_restarts_in_a_row(make_sup, capsys) -> None:
+    clock = FakeClock()
+    sup = make_sup({"actor-0": CRASH, "replay_server": SLEEP}, max_restarts=2, clock=clock)
+    role = _role(sup, "actor-0")
+    lives, outcome = 0, None
+    while outcome is None and lives < 10:
+        outcome = _start_and_crash(sup, role)
+        lives += 1
+        clock.t = role.next_start
+    assert outcome == "failed"
+    assert (lives, role.total_restarts) == (3, 2)  # the first life and two restarts
+    out = capsys.readouterr().out
+    assert "actor-0 exited with code 3 3 times in a row; giving up" in out
+    assert str(role.log) in out
+    assert exit_code(outcome) != 0
+
+
+def test_supervise_stops_every_role_and_fails_the_run_when_one_gives_up(make_sup) -> None:
+    sup = make_sup({"actor-0": CRASH, "replay_server": SLEEP}, max_restarts=0)
+    outcome = supervise(sup, threading.Event(), max_seconds=60, period=0.05)
+    assert outcome == "failed"
+    assert exit_code(outcome) == 1
+    assert _role(sup, "replay_server").proc.poll() is not None, "a role outlived the run"
+
+
+@pytest.mark.parametrize("alive_s, delay, in_a_row", [
+    (Supervisor.HEALTHY_AFTER_S - 1, 4, 3),   # died before it was healthy: the backoff goes on
+    (Supervisor.HEALTHY_AFTER_S + 1, 1, 1),   # healthy first: this crash counts as the first again
+])
+def test_in_a_row_count_resets_once_a_role_has_been_healthy(make_sup, alive_s: float, delay: float,
+                                                            in_a_row: int) -> None:
+    clock = FakeClock()
+    sup = make_sup({"learner": CRASH}, max_restarts=5, clock=clock)
+    role = _role(sup, "learner")
+    for _ in range(2):
+        assert _start_and_crash(sup, role) is None
+        clock.t = role.next_start
+    assert role.restarts == 2
+    role.argv = SLEEP  # this time it comes up and stays up
+    assert sup.poll() is None and role.proc is not None
+    clock.t += alive_s
+    assert sup.poll() is None
+    role.proc.kill()
+    role.proc.wait(30)
+    assert sup.poll() is None
+    assert role.next_start - clock.t == delay
+    assert role.restarts == in_a_row
+    assert role.total_restarts == 3
+
+
+def test_evaluator_exiting_zero_finishes_the_run(make_sup) -> None:
+    sup = make_sup({"evaluator": SUCCEED, "replay_server": SLEEP})
+    outcome = supervise(sup, threading.Event(), max_seconds=60, period=0.05)
+    assert outcome == "finished"
+    assert exit_code(outcome) == 0
+    assert _role(sup, "evaluator").total_restarts == 0
+    assert _role(sup, "replay_server").proc.poll() is not None, "a role outlived the run"
+
+
+def test_only_the_evaluators_exit_ends_the_run(make_sup) -> None:
+    clock = FakeClock()
+    sup = make_sup({"evaluator": SLEEP, "actor-0": SUCCEED}, clock=clock)
+    actor = _role(sup, "actor-0")
+    assert _start_and_crash(sup, actor) is None  # an actor done with its steps is started again
+    assert (actor.proc, actor.total_restarts) == (None, 1)
+
+
+def test_crashing_evaluator_is_restarted_like_any_role(make_sup) -> None:
+    clock = FakeClock()
+    sup = make_sup({"evaluator": CRASH, "replay_server": SLEEP}, clock=clock)
+    evaluator, replay = _role(sup, "evaluator"), _role(sup, "replay_server")
+    assert _start_and_crash(sup, evaluator) is None  # not "finished": a crash is no end of the run
+    assert (evaluator.proc, evaluator.restarts, evaluator.next_start - clock.t) == (None, 1, 1)
+    assert replay.proc.poll() is None
+    clock.t = evaluator.next_start
+    assert sup.poll() is None and evaluator.proc is not None
+
+
+def test_configuration_error_ends_the_run_at_once_showing_the_log(make_sup, capsys) -> None:
+    assert C.CONFIG_ERROR_EXIT == 78  # sysexits EX_CONFIG: scripts around ./run.sh may rely on it
+    sup = make_sup({"learner": CONFIG_ERROR, "replay_server": SLEEP}, max_restarts=5, clock=FakeClock())
+    learner = _role(sup, "learner")
+    assert _start_and_crash(sup, learner) == "failed"
+    assert learner.total_restarts == 0
+    out = capsys.readouterr().out
+    assert "learner stopped on a configuration error (exit code 78)" in out
+    assert str(learner.log) in out
+    assert "learner: last.pt was written for another network" in out  # the role's last words
+    assert "early line 29" in out and "early line 0\n" not in out   # its last lines, not the whole log
+
+
+def _write_checkpoint(run_dir: Path, env: str, hidden: int) -> None:
+    from apex_zmq.learner import LearnerCore
+    LearnerCore(C.LearnerConfig(env=env, hidden=hidden, run_dir=str(run_dir), device="cpu")).save()
+
+
+def test_launcher_exits_non_zero_at_once_on_a_checkpoint_of_another_network(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _write_checkpoint(run_dir, "CartPole-v1", 64)
+    argv = [sys.executable, "-m", "apex_zmq.launch", "--env", "CartPole-v1", "--run-dir", str(run_dir),
+            "--port-base", str(free_port_base()), "--max-seconds", "300", "--num-actors", "1",
+            "--dashboard-port", "0", "--hidden", "32"]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=360)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "run.sh: learner stopped on a configuration error (exit code 78)" in out.stdout
+    assert str(run_dir / "logs" / "learner.log") in out.stdout
+    assert (f"{run_dir / 'checkpoints' / 'last.pt'} was written for --env CartPole-v1 --hidden 64; "
+            f"this run has --env CartPole-v1 --hidden 32") in out.stdout
+    assert "run.sh: stopped (failed)" in out.stdout
+    assert "learner exited with code" not in out.stdout  # it was not restarted

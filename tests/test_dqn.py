@@ -137,3 +137,101 @@ def test_batch_from_sample_rejects_observations_of_another_env() -> None:
         batch_from_sample(s, 6, torch.device("cpu"), obs_spec=((4, 84, 84), "uint8"))
     assert batch_from_sample(s, 6, torch.device("cpu"), obs_spec=((2, 2), "uint8")).obs.shape == (2, 2, 2)
 
+
+
+# --------------------------------------------------------------------------- samples with a corrupt blob
+
+
+def _cartpole_sample(blobs: list[bytes], obs_idx, next_idx, ids, incarnation: int = 77) -> SampleBatch:
+    n = len(obs_idx)
+    data, offsets = frame_table(blobs)
+    return SampleBatch(seq=3, obs_shape=(4,), obs_dtype="float32", frame_data=data, frame_offsets=offsets,
+                       obs_idx=np.asarray(obs_idx, np.int32), next_idx=np.asarray(next_idx, np.int32),
+                       action=(np.arange(n) % 2).astype(np.int32),
+                       ret=np.arange(n, dtype=np.float32) + 0.5,
+                       disc=np.linspace(0.1, 0.9, n).astype(np.float32),
+                       ids=np.asarray(ids, np.int64), weight=np.linspace(1.0, 0.3, n).astype(np.float32),
+                       incarnation=incarnation)
+
+
+def _obs(m: int) -> np.ndarray:
+    """Observation j is [j, 10 j, -j, 0.5 j]: recognisable after the round trip."""
+    j = np.arange(m, dtype=np.float32)
+    return np.stack([j, 10 * j, -j, 0.5 * j], axis=1)
+
+
+def test_batch_from_sample_leaves_out_items_with_a_corrupt_observation() -> None:
+    obs = _obs(5)
+    blobs = compress_obs(obs)
+    blobs[2] = b"\xff" * 24 + blobs[2]  # does not decompress
+    # item:         a  b  c  d  e  f  g     (b: bad next obs, c: bad obs, f: bad both, g repeats c)
+    obs_idx = [0, 1, 2, 3, 0, 2, 2]
+    next_idx = [1, 2, 3, 4, 4, 2, 3]
+    ids = [10, 11, 12, 13, 14, 15, 12]
+    s = _cartpole_sample(blobs, obs_idx, next_idx, ids)
+    b = batch_from_sample(s, 2, torch.device("cpu"), obs_spec=((4,), "float32"))
+    keep = [0, 3, 4]
+    assert b.ids.tolist() == [10, 13, 14]
+    assert b.bad_ids.dtype == np.int64 and b.bad_ids.tolist() == [11, 12, 15]  # each once
+    assert b.incarnation == 77
+    np.testing.assert_array_equal(b.obs.numpy(), obs[[0, 3, 0]])
+    np.testing.assert_array_equal(b.next_obs.numpy(), obs[[1, 4, 4]])
+    assert b.action.dtype == torch.int64 and b.action.tolist() == [int(s.action[k]) for k in keep]
+    np.testing.assert_array_equal(b.ret.numpy(), s.ret[keep])
+    np.testing.assert_array_equal(b.disc.numpy(), s.disc[keep])
+    np.testing.assert_array_equal(b.weight.numpy(), s.weight[keep])
+    assert all(len(t) == 3 for t in (b.obs, b.next_obs, b.action, b.ret, b.disc, b.weight))
+    # The good rest trains, one priority per kept item.
+    torch.manual_seed(0)
+    learner = DQNLearner(nn.Sequential(nn.Linear(4, 2)), "adam", 1e-3, 100, 40.0)
+    prios, loss = learner.step(b)
+    assert prios.shape == (3,) and np.isfinite(loss) and learner.steps == 1
+
+
+def test_batch_from_sample_flags_a_blob_of_the_wrong_size() -> None:
+    import lz4.block
+    obs = _obs(3)
+    blobs = compress_obs(obs)
+    blobs[0] = lz4.block.compress(obs[0].tobytes()[:12], store_size=False)  # 12 bytes, 16 expected
+    s = _cartpole_sample(blobs, [0, 1], [1, 2], [5, 6])
+    b = batch_from_sample(s, 2, torch.device("cpu"))
+    assert b.ids.tolist() == [6] and b.bad_ids.tolist() == [5]
+    np.testing.assert_array_equal(b.obs.numpy(), obs[[1]])
+    np.testing.assert_array_equal(b.next_obs.numpy(), obs[[2]])
+
+
+def test_batch_from_sample_with_every_item_bad_has_no_items() -> None:
+    obs = _obs(4)
+    blobs = compress_obs(obs)
+    blobs[1] = b"\xff" * 24 + blobs[1]
+    # every transition touches obs 1, as obs or as next obs (several share an id, as in a sample)
+    s = _cartpole_sample(blobs, [0, 1, 1, 2, 0], [1, 2, 3, 1, 1], [8, 3, 3, 9, 8], incarnation=5)
+    b = batch_from_sample(s, 2, torch.device("cpu"))
+    assert len(b.ids) == 0 and b.ids.dtype == np.int64
+    assert b.bad_ids.tolist() == [3, 8, 9]
+    assert b.incarnation == 5
+    assert tuple(b.obs.shape) == (0, 4) and tuple(b.next_obs.shape) == (0, 4)
+    assert all(len(t) == 0 for t in (b.action, b.ret, b.disc, b.weight))
+
+
+def test_batch_from_sample_bad_items_with_channels_last_images() -> None:
+    obs = np.random.default_rng(4).integers(0, 255, (4, 4, 8, 8), dtype=np.uint8)
+    blobs = compress_obs(obs)
+    blobs[3] = b"\xff" * 24 + blobs[3]
+    data, offsets = frame_table(blobs)
+    s = SampleBatch(seq=1, obs_shape=(4, 8, 8), obs_dtype="uint8", frame_data=data, frame_offsets=offsets,
+                    obs_idx=np.array([0, 1, 2], np.int32), next_idx=np.array([1, 2, 3], np.int32),
+                    action=np.zeros(3, np.int32), ret=np.ones(3, np.float32), disc=np.full(3, 0.9, np.float32),
+                    ids=np.array([40, 41, 42], np.int64), weight=np.ones(3, np.float32))
+    b = batch_from_sample(s, 6, torch.device("cpu"), channels_last=True)
+    assert b.ids.tolist() == [40, 41] and b.bad_ids.tolist() == [42]
+    assert b.obs.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_array_equal(b.obs.numpy(), obs[[0, 1]])
+    np.testing.assert_array_equal(b.next_obs.numpy(), obs[[1, 2]])
+
+
+def test_batch_from_sample_of_a_good_sample_has_no_bad_ids() -> None:
+    s = _cartpole_sample(compress_obs(_obs(3)), [0, 1], [1, 2], [1, 2], incarnation=(1 << 53) - 1)
+    b = batch_from_sample(s, 2, torch.device("cpu"))
+    assert b.ids.tolist() == [1, 2] and len(b.bad_ids) == 0 and b.bad_ids.dtype == np.int64
+    assert b.incarnation == (1 << 53) - 1

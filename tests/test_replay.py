@@ -419,3 +419,221 @@ def _snapshot_chunk(rng: np.random.Generator, n: int, seed: int):
                            next_idx=np.arange(1, n + 1, dtype=np.int32),
                            action=rng.integers(0, 2, n).astype(np.int32), ret=rng.random(n).astype(np.float32),
                            disc=np.full(n, 0.97, np.float32), priority=(rng.random(n) + 0.1).astype(np.float32))
+
+
+# --------------------------------------------------------------------------- removal of bad items
+
+
+def _leaves(r: PrioritizedReplay) -> np.ndarray:
+    return r.tree.get(np.arange(r.capacity)).copy()
+
+
+def _brute_force_find(r: PrioritizedReplay, v: np.ndarray) -> np.ndarray:
+    """The slot whose cumulative-priority interval holds each v, from the leaves alone."""
+    return np.searchsorted(np.cumsum(_leaves(r)), v, side="right")
+
+
+def test_remove_after_a_huge_priority_restores_exact_proportional_sampling():
+    """An item at 1e30 takes every draw; once removed it is never drawn again, and the others are
+    drawn in proportion to their own priorities: the sum-tree holds no residue of the 1e30."""
+    prios = np.array([1.0, 2.0, 1e30, 4.0, 0.5, 8.0], dtype=np.float32)
+    r = PrioritizedReplay(capacity=8, alpha=ALPHA, seed=11)  # capacity > size: empty slots too
+    ids = r.add(simple_chunk(prios))
+    huge = ids[2]
+    before = np.concatenate([r.sample(16, 0.4).ids for _ in range(200)])
+    assert (before == huge).mean() > 0.999
+    assert r.sampleable
+
+    assert r.remove(np.array([huge])) == 1
+    assert r.removed == 1
+    assert r.priorities([huge])[0] == 0.0
+    rest = np.delete(ids, 2)
+    want_p = p_alpha(np.delete(prios, 2))
+    np.testing.assert_allclose(r.priorities(rest), want_p, rtol=1e-12)  # the others untouched
+    # The root is the sum of what is left (a delta-updated tree would keep float residue of 1e18).
+    np.testing.assert_allclose(r.tree.total, want_p.sum(), rtol=1e-12)
+    # The tree's descent agrees exactly with a brute-force search over the leaves.
+    grid = np.linspace(0.0, np.nextafter(r.tree.total, 0), 4001)
+    np.testing.assert_array_equal(r.tree.find(grid), _brute_force_find(r, grid))
+
+    draws = 24000
+    got = np.concatenate([r.sample(16, 0.4).ids for _ in range(draws // 16)])
+    assert len(got) == draws and huge not in got
+    freq = np.array([(got == i).mean() for i in rest])
+    np.testing.assert_allclose(freq, want_p / want_p.sum(), atol=0.012)
+    # The weights of the sample are those of the remaining priorities.
+    s = r.sample(16, 1.0)
+    np.testing.assert_allclose(s.weight, importance_weights(r.priorities(s.ids), want_p.sum(), r.size, 1.0),
+                               rtol=1e-6)
+
+
+def test_removed_items_among_many_are_never_sampled():
+    r = PrioritizedReplay(capacity=64, alpha=1.0, seed=2)
+    ids = r.add(simple_chunk(np.random.default_rng(0).random(60) * 5 + 0.1))
+    gone = ids[::2]
+    assert r.remove(gone) == len(gone)
+    assert r.removed == 30
+    got = np.concatenate([r.sample(64, 0.4).ids for _ in range(300)])
+    assert not np.isin(got, gone).any()
+    assert set(got.tolist()) == set(ids[1::2].tolist())
+
+
+def test_remove_ignores_stale_never_stored_and_negative_ids():
+    r = PrioritizedReplay(capacity=4, alpha=ALPHA)
+    r.add(simple_chunk(np.ones(4), tag=0))       # ids 0..3
+    r.add(simple_chunk([2.0, 3.0], tag=1))       # ids 4, 5 replace 0, 1
+    leaves, total = _leaves(r), r.tree.total
+    # 0, 1: evicted (their slots hold 4, 5); 6, 9, 10**9: never stored; negative: never valid
+    assert r.remove(np.array([0, 1, 6, 9, 10**9, -1, -3, -4])) == 0
+    assert r.removed == 0
+    np.testing.assert_array_equal(_leaves(r), leaves)
+    assert r.tree.total == total
+    np.testing.assert_allclose(r.priorities([4, 5]), p_alpha([2.0, 3.0]))
+    # A mix: only the live one goes.
+    assert r.remove(np.array([1, 5, 7])) == 1
+    assert r.removed == 1 and r.priorities([5])[0] == 0.0 and r.priorities([4])[0] > 0
+    assert r.remove(np.zeros(0, np.int64)) == 0
+
+
+def test_removed_slot_is_reused_by_a_new_item_with_its_own_priority():
+    r = PrioritizedReplay(capacity=4, alpha=1.0, seed=0)
+    ids = r.add(simple_chunk([1.0, 1.0, 1.0, 1.0], tag=0))
+    r.remove(ids[:1])
+    new = r.add(simple_chunk([3.0], tag=1))       # id 4 evicts removed id 0, in slot 0
+    assert new.tolist() == [4]
+    np.testing.assert_allclose(r.priorities(new), p_alpha([3.0], alpha=1.0))
+    got = np.concatenate([r.sample(6, 0.4).ids for _ in range(1000)])
+    assert 0 not in got
+    np.testing.assert_allclose((got == 4).mean(), 3.0 / 6.0, atol=0.02)
+    # the removed id is stale now: removing it again touches the new item not at all
+    assert r.remove(np.array([0])) == 0
+    np.testing.assert_allclose(r.priorities(new), p_alpha([3.0], alpha=1.0))
+
+
+def test_replay_with_every_item_removed_is_not_sampleable():
+    r = PrioritizedReplay(capacity=8, seed=0)
+    assert not r.sampleable
+    with pytest.raises(ValueError):
+        r.sample(4, 0.4)
+    ids = r.add(simple_chunk([1.0, 5.0, 0.0], tag=0))
+    assert r.sampleable
+    r.remove(ids[:2])
+    assert r.sampleable  # a zero-priority (not removed) item keeps priority_eps
+    r.remove(ids[2:])
+    assert r.removed == 3 and r.size == 3
+    assert not r.sampleable and r.tree.total == 0.0
+    with pytest.raises(ValueError):
+        r.sample(4, 0.4)
+    more = r.add(simple_chunk([2.0], tag=1))
+    assert r.sampleable
+    got = np.concatenate([r.sample(4, 0.4).ids for _ in range(50)])
+    assert set(got.tolist()) == set(more.tolist())
+
+
+def test_removing_an_item_twice_counts_it_once():
+    """The learner may report one bad item from several batches sampled before the first removal
+    arrived (prefetch): ``removed`` counts items taken out of sampling, not removal requests."""
+    r = PrioritizedReplay(capacity=8, seed=0)
+    ids = r.add(simple_chunk(np.ones(5)))
+    assert r.remove(ids[[1]]) == 1
+    assert r.remove(ids[[1]]) == 0
+    assert r.remove(ids[[1, 1, 3, 3]]) == 1
+    assert r.removed == 2
+    assert r.priorities(ids[[1, 3]]).tolist() == [0.0, 0.0]
+
+
+# --------------------------------------------------------------------------- ReplayService incarnations
+
+
+def _service(capacity: int = 64, batch_size: int = 16, min_size: int = 8, seed: int = 0):
+    from apex_zmq.config import ReplayConfig
+    from apex_zmq.replay_server import ReplayService
+    return ReplayService(ReplayConfig(env="CartPole-v1", capacity=capacity, batch_size=batch_size,
+                                      min_size=min_size, seed=seed))
+
+
+def _update(ids, prios, inc: int, remove=()) -> list:
+    from apex_zmq.wire import PriorityUpdate
+    return encode(PriorityUpdate(sender="learner", seq=1, ids=np.asarray(ids, np.int64),
+                                 priority=np.asarray(prios, np.float32), incarnation=inc,
+                                 remove=np.asarray(remove, np.int64)))
+
+
+def test_service_incarnation_is_random_and_stamped_on_every_sample():
+    a, b = _service(), _service()
+    assert a.incarnation != b.incarnation  # same config and seed: still distinct processes
+    for svc in (a, b):
+        assert type(svc.incarnation) is int and 0 <= svc.incarnation < 1 << 48
+    assert a.on_experience(encode(simple_chunk(np.ones(12), tag=1)))
+    assert a.ready
+    incs = {decode_sample(a.sample_frames()).incarnation for _ in range(5)}
+    assert incs == {a.incarnation}
+
+
+def test_service_applies_updates_and_removals_of_its_own_incarnation():
+    svc = _service()
+    svc.on_experience(encode(simple_chunk(np.ones(10), tag=1)))  # ids 0..9
+    s = decode_sample(svc.sample_frames())
+    ids = np.unique(s.ids)
+    assert svc.on_priorities(_update(ids, np.full(len(ids), 7.0), s.incarnation, remove=[9]))
+    fresh = ids[ids != 9]
+    np.testing.assert_allclose(svc.replay.priorities(fresh), p_alpha(np.full(len(fresh), 7.0)))
+    assert svc.replay.priorities([9])[0] == 0.0
+    assert svc.counts["updated"] == len(ids)  # 9 too, before its removal
+    assert svc.replay.removed == 1
+    assert svc.counts["stale_incarnation"] == 0 and svc.counts["rejected_priorities"] == 0
+    got = np.concatenate([decode_sample(svc.sample_frames()).ids for _ in range(100)])
+    assert 9 not in got
+
+
+def test_service_ignores_and_counts_updates_of_another_incarnation():
+    svc = _service()
+    svc.on_experience(encode(simple_chunk(np.ones(10), tag=1)))
+    leaves = _leaves(svc.replay)
+    other = svc.incarnation ^ 1
+    assert svc.on_priorities(_update([0, 1, 2], [100.0, 100.0, 100.0], other, remove=[3, 4]))
+    np.testing.assert_array_equal(_leaves(svc.replay), leaves)
+    assert svc.counts["stale_incarnation"] == 5
+    assert svc.replay.stale_updates == 5
+    assert svc.counts["updated"] == 0 and svc.replay.removed == 0
+    assert svc.counts["rejected_priorities"] == 0  # well formed: stale, not rejected
+    # an incarnation-0 update (the dataclass default) is stale too
+    svc.on_priorities(_update([5], [9.0], 0))
+    assert svc.counts["stale_incarnation"] == 6
+    np.testing.assert_array_equal(_leaves(svc.replay), leaves)
+
+
+def test_restarted_service_ignores_updates_for_ids_the_old_one_handed_out():
+    """Ids start again from 0 in a restarted server: the same id names another item now."""
+    old = _service()
+    old.on_experience(encode(simple_chunk(np.ones(16), tag=1)))
+    s = decode_sample(old.sample_frames())
+    assert s.incarnation == old.incarnation
+
+    new = _service()  # the restart: same config, fresh process
+    new.on_experience(encode(simple_chunk(np.arange(1, 17, dtype=np.float32), tag=2)))
+    assert new.replay.ids[:16].tolist() == list(range(16))  # the sampled ids exist again
+    leaves = _leaves(new.replay)
+    ids = np.unique(s.ids)
+    msg = _update(ids, np.full(len(ids), 1000.0), s.incarnation, remove=ids[:2])
+    assert new.on_priorities(msg)
+    np.testing.assert_array_equal(_leaves(new.replay), leaves)  # no priority changed
+    assert new.replay.removed == 0 and new.counts["updated"] == 0
+    assert new.counts["stale_incarnation"] == len(ids) + 2
+    # the old server, had it lived, would have applied the very same message
+    assert old.on_priorities(msg)
+    np.testing.assert_allclose(old.replay.priorities(ids[2:]), p_alpha(np.full(len(ids) - 2, 1000.0)))
+    assert old.replay.removed == 2 and old.counts["stale_incarnation"] == 0
+
+
+def test_service_with_every_item_removed_is_not_ready():
+    svc = _service(min_size=4)
+    svc.on_experience(encode(simple_chunk(np.ones(6), tag=1)))
+    assert svc.ready
+    svc.on_priorities(_update([], [], svc.incarnation, remove=np.arange(6)))
+    assert svc.replay.removed == 6 and not svc.ready
+    with pytest.raises(ValueError):
+        svc.sample_frames()
+    svc.on_experience(encode(simple_chunk(np.ones(2), tag=2)))
+    assert svc.ready  # size >= min_size counts stored items, and two are sampleable
+    assert set(decode_sample(svc.sample_frames()).ids.tolist()) <= {6, 7}

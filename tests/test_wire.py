@@ -784,3 +784,196 @@ def test_telemetry_with_the_most_episodes_allowed_fits_the_header_limit():
     frames = encode(t)
     assert len(frames[0]) > 1 << 16
     assert len(decode_telemetry(frames).episodes) == 4096
+
+
+# --------------------------------------------------------------------------- schema 2: incarnations, removals
+
+
+from apex_zmq.wire import MAX_INCARNATION, decompress_frames_tolerant, new_incarnation  # noqa: E402
+
+INCARNATIONS = [0, 1, 0x1234_5678_9ABC, (1 << 53) - 1]
+
+
+def test_schema_version_is_2_and_max_incarnation_is_2_to_the_53():
+    assert SCHEMA_VERSION == 2
+    assert MAX_INCARNATION == 9007199254740992
+
+
+@pytest.mark.parametrize("inc", INCARNATIONS)
+def test_weights_incarnation_round_trips(inc):
+    w = make_weights()
+    w.incarnation = inc
+    frames = encode(w)
+    assert header(frames)["inc"] == inc
+    d = decode_weights([zmq.Frame(bytes(f)) for f in frames])
+    assert d.incarnation == inc and type(d.incarnation) is int
+    assert d.version == 777  # the incarnation is its own field, not mixed into the version
+
+
+@pytest.mark.parametrize("inc", INCARNATIONS)
+def test_sample_incarnation_round_trips(inc):
+    s = make_sample(cartpole_obs(5))
+    s.incarnation = inc
+    frames = encode(s)
+    assert header(frames)["inc"] == inc
+    d = decode_sample(frames)
+    assert d.incarnation == inc
+    np.testing.assert_array_equal(d.ids, s.ids)
+
+
+@pytest.mark.parametrize("inc", INCARNATIONS)
+def test_priorities_incarnation_and_remove_round_trip(inc):
+    u = make_update()
+    u.incarnation = inc
+    u.remove = np.array([0, 5, 10**12, (1 << 62) + 3], dtype=np.int64)
+    frames = encode(u)
+    h = header(frames)
+    assert h["inc"] == inc
+    assert [s[0] for s in h["a"]] == ["ids", "priority", "remove"]
+    assert bytes(frames[frame_index(frames, "remove")]) == u.remove.astype("<i8").tobytes()
+    d = decode_priorities([zmq.Frame(bytes(f)) for f in frames])
+    assert d.incarnation == inc
+    assert_arrays_equal(d.remove, [0, 5, 10**12, (1 << 62) + 3], "int64")
+    assert_arrays_equal(d.ids, u.ids, "int64")
+    assert_arrays_equal(d.priority, u.priority, "float32")
+
+
+def test_priorities_remove_defaults_to_empty_and_may_come_alone():
+    u = make_update()
+    assert len(u.remove) == 0 and u.remove.dtype == np.int64 and u.incarnation == 0
+    d = decode_priorities(encode(u))
+    assert_arrays_equal(d.remove, np.zeros(0), "int64")
+    # A batch whose every item was bad: no priorities, only removals (int32 input is widened).
+    only = PriorityUpdate("learner", 3, np.zeros(0, np.int64), np.zeros(0, np.float32), incarnation=42,
+                          remove=np.array([7, 9], dtype=np.int32))
+    d = decode_priorities(encode(only))
+    assert len(d.ids) == 0 and d.incarnation == 42
+    assert_arrays_equal(d.remove, [7, 9], "int64")
+
+
+def test_default_instances_do_not_share_the_remove_array():
+    a, b = make_update(), make_update()
+    assert a.remove is not b.remove
+
+
+BAD_INCARNATIONS = [-1, -(1 << 53), True, False, 1.0, 0.0, 5.5, 1 << 53, (1 << 53) + 1, 1 << 63, "7", None,
+                    [1], {"inc": 1}]
+
+
+@pytest.mark.parametrize("kind", ["sample", "priorities", "weights"])
+@pytest.mark.parametrize("inc", BAD_INCARNATIONS, ids=repr)
+def test_rejects_a_bad_incarnation(kind, inc):
+    msg = valid_messages()[kind]
+    msg.incarnation = 12345
+    frames = encode(msg)
+    DECODERS[kind](frames)  # valid as built
+    with pytest.raises(WireError, match="incarnation"):
+        DECODERS[kind](reheader(frames, inc=inc))
+
+
+@pytest.mark.parametrize("kind", ["sample", "priorities", "weights"])
+def test_rejects_a_missing_incarnation(kind):
+    # A schema-1 sender never sends "inc"; the version check catches it first, so a
+    # version-2 header without the key must be refused on its own.
+    with pytest.raises(WireError, match="incarnation"):
+        DECODERS[kind](reheader(encode(valid_messages()[kind]), drop=("inc",)))
+
+
+@pytest.mark.parametrize("kind", ["sample", "priorities", "weights"])
+def test_schema_1_messages_are_refused(kind):
+    frames = reheader(encode(valid_messages()[kind]), drop=("inc",), v=1)
+    with pytest.raises(WireError, match="schema version"):
+        DECODERS[kind](frames)
+
+
+@pytest.mark.parametrize("remove", [[-1], [3, -1], [-(1 << 63)], [0, 1, 2, -5]])
+def test_rejects_negative_ids_to_remove(remove):
+    u = make_update()
+    u.remove = np.array(remove, dtype=np.int64)
+    with pytest.raises(WireError, match="remove"):
+        decode_priorities(encode(u))
+
+
+def test_rejects_a_remove_frame_that_disagrees_with_its_count():
+    u = make_update()
+    u.remove = np.arange(4, dtype=np.int64)
+    frames = encode(u)
+    with pytest.raises(WireError):
+        decode_priorities(set_spec(frames, "remove", ["remove", 3]))
+    with pytest.raises(WireError):
+        decode_priorities(replace_frame(frames, "remove", np.arange(4, dtype=np.int64).tobytes()[:-4]))
+    with pytest.raises(WireError):  # a schema-1 update: no remove frame at all
+        decode_priorities(reheader(frames[:-1], a=header(frames)["a"][:2]))
+
+
+def test_new_incarnation_is_random_48_bit_and_valid_on_the_wire():
+    seen = {new_incarnation() for _ in range(200)}
+    assert len(seen) == 200  # 48 random bits: a collision in 200 draws has odds ~1e-10
+    assert all(type(i) is int and 0 <= i < 1 << 48 for i in seen)
+    assert max(seen) >= 1 << 40  # really 48 bits wide, not a small counter
+    for inc in list(seen)[:5]:
+        u = make_update()
+        u.incarnation = inc
+        assert decode_priorities(encode(u)).incarnation == inc
+
+
+def test_telemetry_episode_needs_clipped_return():
+    t = make_telemetry()
+    t.episodes = [{"slot": 1, "epsilon": 0.1, "return": 2.0, "length": 3}]  # a schema-1 episode
+    with pytest.raises(WireError):
+        decode_telemetry(encode(t))
+    t.episodes = [{"slot": 1, "epsilon": 0.1, "return": 2.0, "clipped_return": 1.0, "length": 3}]
+    assert decode_telemetry(encode(t)).episodes == t.episodes
+
+
+# --------------------------------------------------------------------------- decompress_frames_tolerant
+
+
+def _lz4(raw: bytes) -> bytes:
+    return lz4.block.compress(raw, store_size=False)
+
+
+@pytest.mark.parametrize("kind", ["cartpole", "atari"])
+@pytest.mark.parametrize("bad_at", [0, 2, 4])
+def test_tolerant_decompress_flags_exactly_the_corrupt_blob(kind, bad_at):
+    obs = cartpole_obs(5) if kind == "cartpole" else atari_obs(5)
+    blobs = compress_obs(obs)
+    blobs[bad_at] = b"\xff" * 24 + blobs[bad_at]  # an lz4 token run that overflows the output
+    data, off = frame_table(blobs)
+    with pytest.raises(WireError):  # the strict decoder refuses the whole table
+        decompress_frames(data, off, obs.shape[1:], str(obs.dtype))
+    frames, bad = decompress_frames_tolerant(data, off, obs.shape[1:], str(obs.dtype))
+    assert bad.dtype == np.bool_ and bad.tolist() == [j == bad_at for j in range(5)]
+    assert frames.shape == obs.shape and frames.dtype == obs.dtype
+    good = [j for j in range(5) if j != bad_at]
+    np.testing.assert_array_equal(frames[good], obs[good])
+    assert not frames[bad_at].any()  # zeroed, not stale bytes
+
+
+@pytest.mark.parametrize("raw_len", [12, 15, 20, 32, 0])
+def test_tolerant_decompress_flags_a_blob_of_the_wrong_size(raw_len):
+    """CartPole observations are 16 bytes: a blob holding fewer or more bytes is bad, alone."""
+    obs = cartpole_obs(3)
+    blobs = compress_obs(obs)
+    blobs.insert(1, _lz4(bytes(range(raw_len))))
+    data, off = frame_table(blobs)
+    frames, bad = decompress_frames_tolerant(data, off, (4,), "float32")
+    assert bad.tolist() == [False, True, False, False]
+    np.testing.assert_array_equal(frames[[0, 2, 3]], obs)
+    assert not frames[1].any()
+
+
+def test_tolerant_decompress_of_a_good_table_equals_the_strict_one():
+    for obs in (cartpole_obs(7), atari_obs(3)):
+        data, off = frame_table(compress_obs(obs))
+        frames, bad = decompress_frames_tolerant(memoryview(data), off, obs.shape[1:], str(obs.dtype))
+        assert not bad.any() and bad.shape == (len(obs),)
+        np.testing.assert_array_equal(frames, decompress_frames(data, off, obs.shape[1:], str(obs.dtype)))
+        np.testing.assert_array_equal(frames, obs)
+
+
+def test_tolerant_decompress_every_blob_bad():
+    obs = cartpole_obs(3)
+    data, off = frame_table([b"\xff" * 24 + b for b in compress_obs(obs)])
+    frames, bad = decompress_frames_tolerant(data, off, (4,), "float32")
+    assert bad.all() and frames.shape == (3, 4) and not frames.any()

@@ -305,6 +305,7 @@ def validate(cfg: Any) -> None:
     def need(cond: bool, flag: str, what: str) -> None:
         if not cond:
             raise SystemExit(f"{_flag(flag)}: {what}")
+    need(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     need(cfg.num_actors >= 0, "num_actors", f"must be >= 0, got {cfg.num_actors}")
     need(cfg.envs_per_actor >= 1, "envs_per_actor", f"must be >= 1, got {cfg.envs_per_actor}")
     need(cfg.n_step >= 1, "n_step", f"must be >= 1, got {cfg.n_step}")

@@ -179,9 +179,10 @@ class PrioritizedReplay:
     def remove(self, ids: np.ndarray) -> int:
         """Never sample these items again (priority 0; their slots are reused as usual). Ids no
         longer stored are ignored. Returns how many were removed."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
         slots = ids % self.capacity
-        live = (ids >= 0) & (self.ids[slots] == ids)
+        # Live and not removed yet: batches sampled before the first removal report the item again.
+        live = (ids >= 0) & (self.ids[slots] == ids) & (self.tree.get(slots) > 0)
         self.tree.set(slots[live], np.zeros(int(live.sum())))
         self.removed += int(live.sum())
         return int(live.sum())

@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,11 +64,14 @@ class Run:
     def log(self) -> str:
         return (self.dir.parent / "launcher.log").read_text(errors="replace")[-3000:]
 
-    def kill9(self, role: str) -> int:
-        """SIGKILL a role; wait until the supervisor has a new process for it; return the new pid."""
+    def kill9(self, role: str, while_down=None) -> int:
+        """SIGKILL a role (then call ``while_down``); wait until the supervisor has a new process for
+        it; return the new pid."""
         before = self.roles()
         old = before[role]["pid"]
         os.kill(old, signal.SIGKILL)
+        if while_down is not None:  # the supervisor restarts a role after >= 1 s
+            while_down()
         new = self.wait(f"{role} restarted", lambda: (self.roles().get(role, {}).get("pid") or old) != old
                         and self.roles()[role]["pid"])
         after = self.roles()
@@ -90,11 +94,23 @@ def test_kill9_actor_replay_learner_run_recovers_and_reaches_target(tmp_path: Pa
         run.wait("learning to start", lambda: any(v > 50 for _, v in run.metric("learner/steps")))
         run.wait("a replay snapshot", lambda: (run_dir / "replay" / "snapshot.npz").exists())
 
-        # 1. An actor: restarted; the replay keeps receiving experience.
+        # An old checkpoint, for the learner's restart below.
+        old_ckpt = run_dir.parent / "old.pt"
+        run.wait("a checkpoint", lambda: (run_dir / "checkpoints" / "last.pt").exists())
+        shutil.copy(run_dir / "checkpoints" / "last.pt", old_ckpt)
+        old_steps = int(torch.load(old_ckpt, weights_only=True)["steps"])
+
+        # 1. An actor: restarted with fresh seeds; the replay keeps receiving experience.
+        actor_log = run_dir / "logs" / "actor-0.log"
         run.kill9("actor-0")
         t = time.time()
         run.wait("inserts after the actor restart", lambda: _grows(run, "replay/size", t)
                  or _grows(run, "replay/inserted", t))
+        seeds = run.wait("the restarted actor's seed",
+                         lambda: (found := re.findall(r"restart (\d+), seed (\d+)", actor_log.read_text()))
+                         and len(found) >= 2 and found)
+        assert [r for r, _ in seeds[:2]] == ["0", "1"] and seeds[0][1] != seeds[1][1], seeds
+        assert json.loads((run_dir / "config_actor_0.json").read_text())["restart"] == 1
 
         # 2. The replay server: restarted from its snapshot; actors and learner reconnect by themselves.
         run.kill9("replay_server")
@@ -105,6 +121,10 @@ def test_kill9_actor_replay_learner_run_recovers_and_reaches_target(tmp_path: Pa
         assert restored > 0
         run.wait("learning after the replay restart", lambda: _grows(run, "learner/steps", t))
         run.wait("inserts after the replay restart", lambda: _grows(run, "replay/inserted", t))
+        # Priority updates for batches the old replay sampled are ignored and counted, not applied to
+        # the new incarnation's items (its ids rewound to the snapshot's).
+        run.wait("stale updates counted", lambda: any(v > 0 for tt, v in run.metric("replay/stale_incarnation")
+                                                      if tt > t))
 
         # 3. The learner: it resumes from last.pt, losing at most one checkpoint period of steps.
         ckpt = run_dir / "checkpoints" / "last.pt"
@@ -121,6 +141,19 @@ def test_kill9_actor_replay_learner_run_recovers_and_reaches_target(tmp_path: Pa
         assert reported - resumed <= max(rates) * 3 + 1, (reported, resumed, max(rates))
         run.wait("learning after the learner restart",
                  lambda: any(v > resumed for tt, v in run.metric("learner/steps") if tt > t))
+
+        # 3b. The learner again, from the old checkpoint: far behind the versions the actors hold.
+        # Its weights carry a new incarnation, so actors take them at once instead of waiting for
+        # it to pass their version.
+        held = max(v for _, v in run.metric("actor/weights_version"))
+        assert held > old_steps + 20, (held, old_steps)
+        run.kill9("learner", while_down=lambda: shutil.copy(old_ckpt, ckpt))
+        t = time.time()
+        run.wait("the learner resumed from the old checkpoint",
+                 lambda: re.findall(r"at step (\d+)", log.read_text())[-1] == str(old_steps))
+        resumed = old_steps
+        run.wait("actors on the restarted learner's weights",
+                 lambda: any(v < held - 20 for tt, v in run.metric("actor/weights_version") if tt > t))
 
         # 4. The run still reaches its target, with weights trained after all three crashes.
         def reached() -> bool:

@@ -267,7 +267,7 @@ async def main_async(cfg: C.ActorConfig) -> None:
                          "actor/rejected": counters["rejected"]})))
 
     try:
-        await run_role(stop, [receive_weights(), report()], [stepping])
+        await run_role(stop, [receive_weights(), report()], [stepping], torch_threads=cfg.torch_threads)
     finally:
         socks.close()
         core.close()

@@ -169,7 +169,7 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
           + (f" (port {cfg.dashboard_port} is taken)" if dashboard.fell_back else ""), flush=True)
     try:
         await run_role(stop, [receive_telemetry(), receive_weights(), follow_evals(), report()], [evaluation],
-                       on_stop=[halt, fresh])
+                       on_stop=[halt, fresh], torch_threads=cfg.torch_threads)
     finally:
         url_file.unlink(missing_ok=True)  # no stale address for the next session to find
         await dashboard.close()

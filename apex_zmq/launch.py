@@ -29,6 +29,7 @@ class Role:
     log: Path
     echo: bool = False
     tell_restart: bool = False   # pass ``--restart N`` (actors: fresh seeds after a restart)
+    env: dict[str, str] | None = None  # the process environment (None: the launcher's own)
     proc: subprocess.Popen | None = None
     started: float = 0.0
     restarts: int = 0            # restarts in a row (reset once the role has run a while)
@@ -105,7 +106,7 @@ class Supervisor:
         """Start (or restart) one role."""
         role.log.parent.mkdir(parents=True, exist_ok=True)
         argv = role.argv + (["--restart", str(role.total_restarts)] if role.tell_restart else [])
-        role.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        role.proc = subprocess.Popen(argv, env=role.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         role.started = self.clock()
         role.pump = threading.Thread(target=_pump, args=(role.proc.stdout, role.log, role.echo), daemon=True)
@@ -201,15 +202,20 @@ def build_roles(cfg: C.LaunchConfig, config_path: Path) -> list[Role]:
     """The processes of a one-machine run, each reading the saved run config."""
     logs = Path(cfg.run_dir) / "logs"
     base = ["--config", str(config_path)]
+    # A floor under every role's thread use: OpenMP, MKL and OpenBLAS (numpy) teams default to every
+    # core otherwise, and OpenBLAS threads spin while they wait (each role also sets torch's thread
+    # count in every worker thread that runs torch).
+    env = {**os.environ, **{v: str(cfg.torch_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                                 "OPENBLAS_NUM_THREADS")}}
 
     def argv(role: str, *extra: str) -> list[str]:
         return [sys.executable, "-m", ROLE_MODULES[role], *base, *extra]
 
-    roles = [Role("evaluator", argv("evaluator"), logs / "evaluator.log", echo=True),
-             Role("replay_server", argv("replay_server"), logs / "replay_server.log"),
-             Role("learner", argv("learner"), logs / "learner.log")]
+    roles = [Role("evaluator", argv("evaluator"), logs / "evaluator.log", echo=True, env=env),
+             Role("replay_server", argv("replay_server"), logs / "replay_server.log", env=env),
+             Role("learner", argv("learner"), logs / "learner.log", env=env)]
     roles += [Role(f"actor-{i}", argv("actor", "--actor-index", str(i)), logs / f"actor-{i}.log",
-                   tell_restart=True) for i in range(cfg.num_actors)]
+                   tell_restart=True, env=env) for i in range(cfg.num_actors)]
     return roles
 
 

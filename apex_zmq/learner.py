@@ -171,7 +171,7 @@ async def main_async(cfg: C.LearnerConfig) -> None:
 
     try:
         await run_role(stop, [receive(), publish(), report()],
-                       [trainer] + [loader] * cfg.loader_threads)
+                       [trainer] + [loader] * cfg.loader_threads, torch_threads=cfg.torch_threads)
     finally:
         socks.close()
 

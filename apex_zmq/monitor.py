@@ -150,6 +150,7 @@ class RunMonitor:
         self.info = dict(info or {})   # static facts shown on the page (env, run dir)
         self.metrics: dict[str, float] = {}
         self.actor_rates: dict[str, float] = {}
+        self.actor_acting: dict[str, tuple[float, float]] = {}  # sender -> (agreement, bits)
         self.heartbeats: dict[str, Heartbeat] = {}
         self.slots: dict[int, SlotStats] = {i: self._slot() for i in range(num_slots)}
         self.series = {"learner": Series(self.LEARNER_FIELDS), "replay": Series(self.REPLAY_FIELDS),
@@ -191,6 +192,8 @@ class RunMonitor:
         if t.role == "actor":  # one actor's rate among many: the run's rate is the sum over live actors
             self.actor_rates[t.sender] = metrics.get("actor/steps_per_s", 0.0)
             metrics["actor/steps_per_s"] = self.actor_steps_per_s(now)
+            if "actor/acting_agreement" in metrics:
+                self.actor_acting[t.sender] = (metrics["actor/acting_agreement"], metrics.get("actor/acting_bits", 32.0))
         self.metrics.update(metrics)
         if t.role in self.series:
             prefix = f"{t.role}/"
@@ -225,6 +228,12 @@ class RunMonitor:
         """Env steps per second of all actors still up (a dead actor's last rate no longer counts)."""
         return float(sum(r for s, r in self.actor_rates.items() if self.is_up(s, now)))
 
+    def worst_acting(self, now: float) -> tuple[float, float] | None:
+        """(agreement, bits) of the live actor whose acting copy agrees least with float32: one
+        bad copy must show on the dashboard, not be averaged away."""
+        live = [v for s, v in self.actor_acting.items() if self.is_up(s, now)]
+        return min(live) if live else None
+
     def latest_eval(self) -> dict[str, Any] | None:
         """The newest evaluation: the last eval row, else what the evaluation thread last set."""
         if self.evals:
@@ -254,6 +263,9 @@ class RunMonitor:
         latest = {k: finite(v) for k, v in self.metrics.items()}
         if self.actor_rates:
             latest["actor/steps_per_s"] = self.actor_steps_per_s(now)
+        worst = self.worst_acting(now)
+        if worst is not None:
+            latest["actor/acting_agreement"], latest["actor/acting_bits"] = worst
         return {
             "now": round(now, 3), "started": self.started, **self.info,
             "heartbeat_timeout_s": self.heartbeat_timeout, "ladder_window": self.ladder_window,

@@ -201,18 +201,25 @@ def install_stop(stop: asyncio.Event) -> None:
 
 async def run_role(stop: asyncio.Event, tasks: list[Awaitable[Any]],
                    workers: list[Callable[[], None]] = (),
-                   on_stop: Sequence[threading.Event] = ()) -> None:
+                   on_stop: Sequence[threading.Event] = (), torch_threads: int = 0) -> None:
     """Run a role's async tasks and worker threads until ``stop`` is set or any of them ends.
 
     Workers are CPU-bound loops that must return soon after ``stop.is_set()`` or after one of the
     ``on_stop`` events (set here once stopping) wakes them; the first error of a task or worker is
-    re-raised after everything has stopped.
+    re-raised after everything has stopped. ``torch_threads`` > 0: each worker runs torch (and its
+    OpenMP team) with that many threads.
     """
     loop = asyncio.get_running_loop()
     errors: list[BaseException] = []
 
     def guarded(fn: Callable[[], None]) -> None:
         try:
+            if torch_threads > 0:
+                # OpenMP's thread count is per calling thread: set in the main thread only, a worker
+                # thread's torch ops would start a team of every core (~2x CPU for a small MLP, and a
+                # 64-thread team per actor on a 64-core host).
+                import torch
+                torch.set_num_threads(torch_threads)
             fn()
         except BaseException as e:  # reported after shutdown
             errors.append(e)

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from apex_zmq.config import loopback_endpoints  # noqa: E402
 from apex_zmq.envs import env_spec, make_vector_env  # noqa: E402
-from apex_zmq.networks import build_network, state_arrays  # noqa: E402
+from apex_zmq import cpu  # noqa: E402
+from apex_zmq.networks import build_network, choose_acting, int8_engine, state_arrays  # noqa: E402
 from apex_zmq.wire import Weights, decode_experience, decode_telemetry, encode  # noqa: E402
 from conftest import endpoint_flags, free_port_base  # noqa: E402
 
@@ -78,9 +79,9 @@ def publish_weights(endpoint: str, env_id: str, period: float, stop: threading.E
 
 
 def actor_rate(env_id: str, envs: int, groups: int, env_threads: int, torch_threads: int,
-               seconds: float, warmup: float, weights_period: float, acting_dtype: str) -> tuple[float, int]:
+               seconds: float, warmup: float, weights_period: float, acting_dtype: str) -> tuple[float, dict]:
     """Agent steps/s of the real actor process, counted as transitions arriving at a PULL socket,
-    and the newest weights version the actor reported acting with."""
+    and its last telemetry (weights version acted with, acting copy's bits and agreement)."""
     base = free_port_base()
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
@@ -90,6 +91,7 @@ def actor_rate(env_id: str, envs: int, groups: int, env_threads: int, torch_thre
     tel.setsockopt(zmq.SUBSCRIBE, b"")
     tel.bind(eps["telemetry"])
     adopted = 0
+    report_metrics: dict = {}
     stop = threading.Event()
     learner = threading.Thread(target=publish_weights, args=(eps["weights"], env_id, weights_period, stop))
     learner.start()
@@ -117,6 +119,7 @@ def actor_rate(env_id: str, envs: int, groups: int, env_threads: int, torch_thre
                 if tel in ready:
                     report = decode_telemetry(tel.recv_multipart())
                     adopted = max(adopted, int(report.metrics.get("actor/weights_version", 0)))
+                    report_metrics = {**report.metrics, "actor/weights_version": adopted}
                 if pull not in ready:
                     continue
                 chunk = decode_experience(pull.recv_multipart(copy=False))
@@ -131,7 +134,7 @@ def actor_rate(env_id: str, envs: int, groups: int, env_threads: int, torch_thre
                     continue
                 count += len(chunk.action)
                 if now >= t_end:
-                    return count / (now - t0), adopted
+                    return count / (now - t0), report_metrics
             raise RuntimeError("actor produced no experience in time")
         finally:
             proc.terminate()
@@ -155,19 +158,24 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    caps = cpu.detect()
+    choice = choose_acting(args.acting_dtype, True, caps, int8_engine())
+    print(f"cpu: {caps.describe()}; acting copy ({args.acting_dtype}): {choice.label} ({choice.why})", flush=True)
     actor, bare = [], []
     for r in range(args.rounds):
         bare.append(bare_env_rate(args.env, args.envs, args.bare_threads, args.seconds))
-        rate, version = actor_rate(args.env, args.envs, args.groups, args.env_threads, args.torch_threads,
+        rate, m = actor_rate(args.env, args.envs, args.groups, args.env_threads, args.torch_threads,
                                 args.seconds, warmup=3.0, weights_period=args.weights_period,
                                    acting_dtype=args.acting_dtype)
         actor.append(rate)
-        print(f"round {r + 1}: bare env {bare[-1]:.0f} steps/s, actor {actor[-1]:.0f} steps/s "
-              f"(acting with weights version {version})", flush=True)
+        print(f"round {r + 1}: bare env {bare[-1]:.0f} steps/s, actor {actor[-1]:.0f} steps/s (acting with "
+              f"weights version {m.get('actor/weights_version', 0):.0f}, {m.get('actor/acting_bits', 0):.0f}-bit "
+              f"activations, greedy agreement with float32 {m.get('actor/acting_agreement', float('nan')):.2f})",
+              flush=True)
     a, b = statistics.median(actor), statistics.median(bare)
     print(f"env={args.env} K={args.envs} groups={args.groups} env_threads/group={args.env_threads} "
           f"torch_threads={args.torch_threads} bare env threads={args.bare_threads} "
-          f"network=Nature dueling CNN (hidden 512)")
+          f"network=Nature dueling CNN (hidden 512) acting={choice.label}")
     print(f"actor_steps_per_s={a:.0f} ratio_to_bare_env={a / b:.2f}")
 
 

@@ -102,6 +102,16 @@ def test_heartbeats_go_down_after_the_timeout_and_dead_actors_stop_counting() ->
     assert "DOWN" not in m.progress_line(104.0)
 
 
+def test_the_least_agreeing_live_actor_shows_its_acting_copy() -> None:
+    m = RunMonitor(num_slots=0, heartbeat_timeout=5.0)
+    m.take(tel("actor-0", "actor", {"actor/acting_agreement": 0.75, "actor/acting_bits": 7.0}), now=100.0)
+    m.take(tel("actor-1", "actor", {"actor/acting_agreement": 1.0, "actor/acting_bits": 8.0}), now=102.0)
+    latest = m.state(104.0)["latest"]
+    assert (latest["actor/acting_agreement"], latest["actor/acting_bits"]) == (0.75, 7.0)
+    latest = m.state(105.5)["latest"]  # actor-0 is down: only live actors count
+    assert (latest["actor/acting_agreement"], latest["actor/acting_bits"]) == (1.0, 8.0)
+
+
 def test_state_is_strict_json_with_only_each_roles_own_metrics() -> None:
     m = RunMonitor(num_slots=2, started=10.0, info={"env": "CartPole-v1"})
     m.take(tel("learner", "learner", {"learner/steps": 3, "learner/loss": math.nan, "replay/size": 99,
@@ -323,7 +333,7 @@ SLOTS = 8                    # CartPole preset: 1 actor x 8 envs
 HEARTBEAT_TIMEOUT = 6.0      # longer than a freeze below, short enough to wait for in a test
 FIGURES = ["eval-latest", "eval-steps", "eval-count", "learner-steps", "learner-steps-per-s", "learner-loss",
            "replay-size", "replay-inserted-per-s", "replay-sampled-per-s", "replay-updated-per-s",
-           "actor-steps-per-s", "ladder-slots"]
+           "actor-steps-per-s", "ladder-slots", "actor-acting", "actor-agreement"]
 READ_DOM = """() => {
   const text = id => document.getElementById(id).textContent;
   const rows = sel => [...document.querySelectorAll(sel)].map(tr =>
@@ -507,6 +517,10 @@ def test_page_figures_match_the_state_and_what_the_roles_reported(snapshot: dict
                      ("actor-steps-per-s", "actor/steps_per_s")):
         assert num(f[fig]) == pytest.approx(latest[tag], abs=0.5001 if latest[tag] >= 100 else 0.0501), (fig, f[fig])
         assert latest[tag] in reported[tag], (tag, latest[tag])
+    # The acting copy of the least agreeing actor (CartPole's MLP: float32, or bf16 where native).
+    assert f["actor-acting"] == {32.0: "float32", 16.0: "bfloat16"}[latest["actor/acting_bits"]]
+    assert f["actor-agreement"] == f"{100 * latest['actor/acting_agreement']:.0f}%"
+    assert latest["actor/acting_agreement"] in reported["actor/acting_agreement"]
     assert num(f["learner-loss"]) == pytest.approx(latest["learner/loss"], rel=5e-3)  # 3 significant digits
     assert latest["learner/loss"] in reported["learner/loss"]
     # The latest evaluation is the eval.csv row the evaluator wrote last (rows are followed in order).

@@ -96,7 +96,8 @@ def valid(kind: str, rng: np.random.Generator) -> Frames:
         return _bytes(wire.encode(wire.Telemetry(
             sender="actor-0", seq=1, role="actor", time=time.time(),
             metrics={"actor/steps_per_s": float(rng.random() * 1000)},
-            episodes=[{"slot": 0, "epsilon": 0.4, "return": float(rng.integers(9, 200)), "length": 20}])))
+            episodes=[{"slot": 0, "epsilon": 0.4, "return": float(rng.integers(9, 200)), "clipped_return": 5.0,
+                       "length": 20}])))
     raise ValueError(kind)
 
 
@@ -163,7 +164,8 @@ def huge_header(rng: np.random.Generator, frames: Frames) -> Frames:
     return [b"\x91" * depth + b"\xc0", *frames[1:]]
 
 
-VERSION = _edit("v", [0, 2, -1, 255, "1", None, 1.0, True, [1], {"v": 1}, 2 ** 64 - 1, _DELETE])
+VERSION = _edit("v", [0, wire.SCHEMA_VERSION - 1, wire.SCHEMA_VERSION + 1, -1, 255, str(wire.SCHEMA_VERSION), None,
+                     float(wire.SCHEMA_VERSION), True, [wire.SCHEMA_VERSION], {"v": 1}, 2 ** 64 - 1, _DELETE])
 TYPE = _edit("t", ["experience", "sample", "priorities", "weights", "telemetry", "", None, 7,
                    "EXPERIENCE", ["experience"], _DELETE])
 SENDER = _edit("s", [None, 5, "x" * 300, ["a"], 1.5, _DELETE])
@@ -297,7 +299,8 @@ def bad_values(kind: str) -> Callable[[np.random.Generator, Frames], Frames]:
 
 def bad_lengths(kind: str) -> Callable[[np.random.Generator, Frames], Frames]:
     """One per-transition array shorter or longer than the others (sizes declared consistently)."""
-    names = [n for n in wire._SCHEMAS[kind] if n not in ("frame_data", "frame_offsets")]
+    # (A priority update's ``remove`` list has a length of its own.)
+    names = [n for n in wire._SCHEMAS[kind] if n not in ("frame_data", "frame_offsets", "remove")]
 
     def mutate(rng: np.random.Generator, frames: Frames) -> Frames:
         a = _arrays(kind, frames)
@@ -310,7 +313,7 @@ def bad_lengths(kind: str) -> Callable[[np.random.Generator, Frames], Frames]:
 
 def telemetry_fields(rng: np.random.Generator, frames: Frames) -> Frames:
     h = _header(frames)
-    ep = {"slot": 0, "epsilon": 0.4, "return": 10.0, "length": 10}
+    ep = {"slot": 0, "epsilon": 0.4, "return": 10.0, "clipped_return": 3.0, "length": 10}
     edits: list[tuple[str, object]] = [
         ("role", "root"), ("role", None), ("role", ["actor"]), ("role", ""),
         ("time", 5), ("time", "now"), ("time", float("nan")), ("time", float("inf")), ("time", None),
@@ -413,7 +416,8 @@ class Handlers:
             if kind == "weights":
                 wire.decode_weights(frames)
             else:  # what the learner's loader threads run on a sample batch
-                batch_from_sample(wire.decode_sample(frames), NUM_ACTIONS, torch.device("cpu"))
+                batch_from_sample(wire.decode_sample(frames), NUM_ACTIONS, torch.device("cpu"),
+                                  obs_spec=((4,), "float32"))
         except wire.WireError:
             return False
         return True

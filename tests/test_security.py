@@ -108,9 +108,9 @@ def _chunk(rng: np.random.Generator, n: int = 8) -> list:
         disc=np.full(n, 0.97, np.float32), priority=np.ones(n, np.float32)))
 
 
-def _priorities(ids: np.ndarray) -> list:
+def _priorities(ids: np.ndarray, incarnation: int = 0) -> list:
     return wire.encode(wire.PriorityUpdate(sender="client", seq=1, ids=ids.astype(np.int64),
-                                           priority=np.full(len(ids), 5.0, np.float32)))
+                                           priority=np.full(len(ids), 5.0, np.float32), incarnation=incarnation))
 
 
 MALFORMED = [b"\x81\xa1v\x01", b"not a message"]  # a header without a type, and a stray frame
@@ -252,7 +252,7 @@ async def _scenario(keydir: Path, eps: dict[str, str], procs: dict[str, subproce
         batch = wire.decode_sample(await asyncio.wait_for(samples.recv_multipart(), 30))
         assert len(batch.ids) == 16 and batch.ids.max() < sum(sizes)
         prios = good.connect(zmq.PUSH, eps["priorities"])
-        await prios.send_multipart(_priorities(batch.ids))
+        await prios.send_multipart(_priorities(batch.ids, batch.incarnation))
         await prios.send_multipart(MALFORMED)
         # The default client pair of the full key directory, as the evaluator uses for weights.
         default = Sockets(keys=str(keydir))

@@ -127,6 +127,11 @@
     setText("replay-sampled-per-s", fmtRate(m["replay/sampled_per_s"]));
     setText("replay-updated-per-s", fmtRate(m["replay/updated_per_s"]));
     setText("actor-steps-per-s", fmtRate(m["actor/steps_per_s"]));
+    const bits = m["actor/acting_bits"];
+    setText("actor-acting", bits == null ? "-" :
+            ({32: "float32", 16: "bfloat16", 8: "int8", 7: "int8 (7-bit)"}[bits] || `${bits}-bit`));
+    const agree = m["actor/acting_agreement"];
+    setText("actor-agreement", agree == null ? "-" : `${(100 * agree).toFixed(0)}%`);
 
     renderHeartbeats(s.heartbeats);
     renderLadder(s.ladder);

@@ -17,7 +17,7 @@ from .exploration import actor_epsilons, actor_seed, epsilon_greedy
 from .networks import (Int8ActingNetwork, build_network, choose_acting, greedy_agreement, int8_engine,
                        load_arrays, make_acting_network, weights_mismatch)
 from .nstep import SegmentBuffer
-from .transport import Sockets, call_in_loop, install_stop, recv_latest, run_role
+from .transport import Sockets, install_stop, recv_latest, run_role, send_until
 from .wire import MAX_EPISODES, ExperienceChunk, Telemetry, WireError, compress_obs, decode_weights, encode, frame_table
 
 
@@ -212,25 +212,24 @@ async def main_async(cfg: C.ActorConfig) -> None:
     print(f"{core.name}: acting copy {core.acting.label} ({core.acting.why}); CPU {cpu.detect().describe()}; "
           f"restart {cfg.restart}, seed {core.seed}", flush=True)
     socks = Sockets(cfg.insecure, cfg.keys)
-    exp = socks.connect(zmq.PUSH, cfg.experience, hwm=8)
+    exp = socks.connect(zmq.PUSH, cfg.experience, hwm=8, sync=True)  # owned by the stepping thread
     weights = socks.connect(zmq.SUB, cfg.weights, hwm=2, subscribe=True)
     tel = socks.connect(zmq.PUB, cfg.telemetry, hwm=100)
     stop = asyncio.Event()
     install_stop(stop)
-    loop = asyncio.get_running_loop()
     pending: list = []  # newest decoded weights, handed to the stepping thread
     counters = {"rejected": 0}
 
     def stepping() -> None:
-        # CPU-bound: env stepping and inference, off the event loop; sends block on backpressure.
+        # CPU-bound: env stepping and inference, off the event loop. Chunks go straight to the
+        # experience socket this thread owns; a send waits only on backpressure (the HWM).
         while not stop.is_set() and (cfg.max_actor_steps == 0 or core.steps < cfg.max_actor_steps):
             if pending:
                 w = pending.pop()
                 core.set_weights(w.names, w.arrays, w.version, w.incarnation)
             chunk = core.step()
             if chunk is not None:
-                frames = encode(chunk)
-                call_in_loop(loop, lambda: exp.send_multipart(frames, copy=False), stop)
+                send_until(exp, encode(chunk), stop)
 
     async def receive_weights() -> None:
         while True:

@@ -98,6 +98,12 @@ class ReplayConfig(Common):
     batch_size: int = _f(512, "transitions per sampled batch")
     min_size: int = _f(50_000, "transitions stored before sampling starts")
     prefetch: int = _f(4, "sampled batches queued towards the learner (send high-water mark)")
+    samples_per_insert: float = _f(0.0, "sampled transitions per inserted one that sampling is held to "
+                                        "(Reverb's SampleToInsertRatio; 0: off, as in Ape-X)")
+    spi_tolerance: float = _f(0.0, "sampled transitions by which sampling may run ahead of or behind "
+                                   "--samples-per-insert (0: 4 batches)")
+    spi_block_inserts: bool = _f(False, "with --samples-per-insert: also stop taking experience while the "
+                                        "actors run ahead of the ratio (they then wait on their send queues)")
     snapshot_period: float = _f(0.0, "seconds between atomic replay snapshots to <run_dir>/replay/"
                                      "snapshot.npz, restored when the server restarts (0: off)")
 
@@ -329,6 +335,9 @@ def validate(cfg: Any) -> None:
              f"must be at least --batch-size ({cfg.batch_size}), got {cfg.capacity}")
         need(0 < cfg.min_size <= cfg.capacity, "min_size",
              f"must be in (0, --capacity] = (0, {cfg.capacity}], got {cfg.min_size}")
+        need(cfg.samples_per_insert >= 0, "samples_per_insert", f"must be >= 0, got {cfg.samples_per_insert}")
+        need(cfg.spi_tolerance == 0 or cfg.spi_tolerance >= cfg.batch_size, "spi_tolerance",
+             f"must be 0 (4 batches) or at least --batch-size ({cfg.batch_size}), got {cfg.spi_tolerance}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from . import config as C
 from .dqn import DQNLearner, batch_from_sample
 from .envs import env_spec
 from .networks import build_network, state_arrays
-from .transport import Sockets, call_in_loop, get_until, install_stop, put_until, run_role
+from .transport import Sockets, get_until, install_stop, put_until, run_role, send_until
 from .wire import PriorityUpdate, Telemetry, Weights, WireError, decode_sample, encode, new_incarnation
 
 
@@ -93,12 +93,11 @@ async def main_async(cfg: C.LearnerConfig) -> None:
         print(f"learner: resumed from {core.ckpt_path} at step {core.resumed_from}", flush=True)
     socks = Sockets(cfg.insecure, cfg.keys)
     samples = socks.connect(zmq.PULL, cfg.samples, hwm=2)
-    prios = socks.connect(zmq.PUSH, cfg.priorities, hwm=64)
+    prios = socks.connect(zmq.PUSH, cfg.priorities, hwm=64, sync=True)  # owned by the trainer thread
     weights = socks.bind(zmq.PUB, cfg.weights, hwm=4)
     tel = socks.connect(zmq.PUB, cfg.telemetry)
     stop = asyncio.Event()
     install_stop(stop)
-    loop = asyncio.get_running_loop()
     raw_q: queue.Queue = queue.Queue(maxsize=2)
     batch_q: queue.Queue = queue.Queue(maxsize=2)
     counts = {"rejected": 0}
@@ -137,7 +136,7 @@ async def main_async(cfg: C.LearnerConfig) -> None:
             core.bad_items += len(b.bad_ids)
             msg = encode(PriorityUpdate(sender="learner", seq=learner.steps, ids=b.ids, priority=new_prios,
                                         incarnation=b.incarnation, remove=b.bad_ids))
-            call_in_loop(loop, lambda: prios.send_multipart(msg, copy=False), stop)
+            send_until(prios, msg, stop)  # no hop to the event loop: ZeroMQ's own I/O thread sends it
             now = time.monotonic()
             if now - last_weights >= cfg.weights_period:
                 latest["frames"] = core.weights(learner.steps)

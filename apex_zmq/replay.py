@@ -250,3 +250,47 @@ class PrioritizedReplay:
                 r._live[cid] = live
                 r.stored_bytes += len(data)
         return r
+
+
+class SampleToInsertRatio:
+    """Holds sampling (and optionally insertion) to ``samples_per_insert`` sampled transitions per
+    inserted one, within ``tolerance`` sampled transitions, as Reverb's ``SampleToInsertRatio`` does.
+
+    Decoupled actors and learner otherwise replay each transition as often as the hardware makes
+    them: a faster learner (a GPU) replays each one more, faster actors less, and results stop
+    reproducing across machines. Counting starts once ``min_size`` transitions are in (filling the
+    replay is not limited). With ``samples_per_insert`` 0 nothing is limited (Ape-X's way).
+    """
+
+    def __init__(self, samples_per_insert: float, tolerance: float, min_size: int) -> None:
+        if samples_per_insert < 0 or tolerance < 0:
+            raise ValueError("samples_per_insert and tolerance must be >= 0")
+        self.spi = samples_per_insert
+        self.tolerance = tolerance
+        self.min_size = min_size
+        self.inserted = 0  # transitions
+        self.sampled = 0   # transitions (a batch of 512 counts 512)
+
+    def _diff(self) -> float:
+        """Sampled transitions owed (positive) or taken ahead (negative) at the target ratio."""
+        return self.spi * (self.inserted - self.min_size) - self.sampled
+
+    def can_sample(self, n: int) -> bool:
+        """True if sampling ``n`` more transitions keeps sampling within the tolerance."""
+        return self.spi == 0 or (self.inserted >= self.min_size and self._diff() - n >= -self.tolerance)
+
+    def can_insert(self) -> bool:
+        """True if inserting is within the tolerance (checked before a chunk: it may overshoot by one)."""
+        return self.spi == 0 or self.inserted < self.min_size or self._diff() <= self.tolerance
+
+    def on_insert(self, n: int) -> None:
+        self.inserted += n
+
+    def on_sample(self, n: int) -> None:
+        self.sampled += n
+
+    @property
+    def ratio(self) -> float:
+        """Achieved sampled / inserted transitions since ``min_size`` (0 before any)."""
+        counted = self.inserted - self.min_size
+        return self.sampled / counted if counted > 0 else 0.0

@@ -11,7 +11,7 @@ import zmq
 
 from . import config as C
 from .envs import env_spec
-from .replay import PrioritizedReplay, annealed_beta
+from .replay import PrioritizedReplay, SampleToInsertRatio, annealed_beta
 from .transport import Sockets, install_stop, run_role
 from .wire import Telemetry, WireError, decode_experience, decode_priorities, encode, new_incarnation
 
@@ -38,6 +38,9 @@ class ReplayService:
                   flush=True)
         else:
             self.replay = PrioritizedReplay(cfg.capacity, cfg.alpha, seed=cfg.seed)
+        self.limiter = SampleToInsertRatio(cfg.samples_per_insert, cfg.spi_tolerance or 4 * cfg.batch_size,
+                                           cfg.min_size)
+        self.limiter.on_insert(self.replay.size)  # a restored replay is already filled
         self.counts = {"inserted": 0, "sampled": 0, "updated": 0, "rejected_experience": 0,
                        "rejected_priorities": 0, "stale_incarnation": 0}
         self.batches = 0
@@ -57,7 +60,9 @@ class ReplayService:
         except WireError:
             self.counts["rejected_experience"] += 1
             return False
-        self.counts["inserted"] += len(self.replay.add(chunk))
+        n = len(self.replay.add(chunk))
+        self.counts["inserted"] += n
+        self.limiter.on_insert(n)
         return True
 
     def on_priorities(self, frames: list) -> bool:
@@ -77,8 +82,15 @@ class ReplayService:
 
     @property
     def ready(self) -> bool:
-        """Enough transitions stored to start sampling."""
-        return self.replay.size >= self.cfg.min_size and self.replay.sampleable
+        """Enough transitions stored to sample, and sampling a batch keeps to --samples-per-insert."""
+        return (self.replay.size >= self.cfg.min_size and self.replay.sampleable
+                and self.limiter.can_sample(self.cfg.batch_size))
+
+    @property
+    def takes_experience(self) -> bool:
+        """False while inserts run ahead of --samples-per-insert and --spi-block-inserts holds them."""
+        # (A replay with nothing to sample always takes experience: sampling could never catch up.)
+        return not self.cfg.spi_block_inserts or self.limiter.can_insert() or not self.replay.sampleable
 
     def sample_frames(self) -> list:
         """Encode the next prioritized batch."""
@@ -87,6 +99,7 @@ class ReplayService:
         batch = self.replay.sample(self.cfg.batch_size, beta, seq=self.batches)
         batch.incarnation = self.incarnation
         self.counts["sampled"] += len(batch.ids)
+        self.limiter.on_sample(len(batch.ids))
         return encode(batch)
 
 
@@ -100,14 +113,17 @@ async def main_async(cfg: C.ReplayConfig) -> None:
     tel = socks.connect(zmq.PUB, cfg.telemetry)
     stop = asyncio.Event()
     install_stop(stop)
-    ready = asyncio.Event()
+    inserted = asyncio.Event()  # set after each chunk: sampling may be able to go on
+    sampled = asyncio.Event()   # set after each batch: held inserts may be able to go on
 
     async def ingest() -> None:
         while True:
             for _ in range(_FAIRNESS):
+                while not svc.takes_experience:  # the rate limiter holds inserts
+                    sampled.clear()
+                    await sampled.wait()
                 svc.on_experience(await exp.recv_multipart(copy=False))
-                if svc.ready:  # checked per message: a few large chunks may already be enough
-                    ready.set()
+                inserted.set()
             await asyncio.sleep(0)
 
     async def updates() -> None:
@@ -118,11 +134,12 @@ async def main_async(cfg: C.ReplayConfig) -> None:
 
     async def serve() -> None:
         while True:
-            if not svc.ready:  # not enough yet, or every stored item was removed
-                ready.clear()
-                await ready.wait()
+            while not svc.ready:  # not enough yet, every item removed, or the rate limiter holds it
+                inserted.clear()
+                await inserted.wait()
             # send waits while `prefetch` batches are already queued: that is the prefetch bound.
             await samples.send_multipart(svc.sample_frames(), copy=False)
+            sampled.set()
             await asyncio.sleep(0)
 
     async def report() -> None:
@@ -142,9 +159,12 @@ async def main_async(cfg: C.ReplayConfig) -> None:
                          "replay/rejected_experience": svc.counts["rejected_experience"],
                          "replay/rejected_priorities": svc.counts["rejected_priorities"],
                          "replay/inserted": svc.counts["inserted"], "replay/updated": svc.counts["updated"],
+                         "replay/sampled": svc.counts["sampled"],
                          "replay/stale_updates": svc.replay.stale_updates,
                          "replay/stale_incarnation": svc.counts["stale_incarnation"],
-                         "replay/removed": svc.replay.removed})))
+                         "replay/removed": svc.replay.removed,
+                         "replay/samples_per_insert": svc.limiter.ratio,
+                         "replay/samples_per_insert_target": cfg.samples_per_insert})))
 
     async def snapshots() -> None:
         # The copy is taken on the loop (consistent), the slow write runs in a thread meanwhile.

@@ -15,7 +15,6 @@ keepalive (see ``KEEPALIVE_*`` for why not ZMTP heartbeats) and a fresh pipe per
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ipaddress
 import queue
 import signal
@@ -94,13 +93,15 @@ class Sockets:
 
     def __init__(self, insecure: bool = False, keys: str = "") -> None:
         self.ctx = zmq.asyncio.Context()
+        # The same libzmq context for sockets that a worker thread owns and uses with blocking calls.
+        self._sync_ctx = zmq.Context.shadow(self.ctx.underlying)
         self.insecure = insecure
         self.keys = KeyStore(keys) if keys else None
         self._auth: AsyncioAuthenticator | None = None
         self._socks: list[zmq.asyncio.Socket] = []
 
-    def _make(self, kind: int, hwm: int) -> zmq.asyncio.Socket:
-        s = self.ctx.socket(kind)
+    def _make(self, kind: int, hwm: int, sync: bool = False) -> Any:
+        s = (self._sync_ctx if sync else self.ctx).socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.RCVHWM, hwm)
@@ -151,13 +152,14 @@ class Sockets:
         return s
 
     def connect(self, kind: int, endpoint: str, hwm: int = 100,
-                subscribe: bool = False) -> zmq.asyncio.Socket:
+                subscribe: bool = False, sync: bool = False) -> Any:
         """A connected socket (a CURVE client with keys; SUB sockets subscribe to everything when
-        ``subscribe``)."""
+        ``subscribe``). ``sync``: a blocking socket for one worker thread to own (see ``send_until``):
+        a hot loop then hands its messages to ZeroMQ itself, with no round trip through the event loop."""
         if self.keys is not None:  # keys first: a missing key exits before any socket exists
             public, secret = self.keys.client_pair()
             server_public = self.keys.server_public()
-        s = self._make(kind, hwm)
+        s = self._make(kind, hwm, sync)
         # A fresh pipe per connection: libzmq (4.3.5) otherwise re-attaches a new connection to the
         # pipe the old one left full, and reading that pipe can then abort the process ("Assertion
         # failed: _input_stopped", libzmq issue #3937; seen here with ZMTP heartbeats on). Sends
@@ -269,21 +271,14 @@ def get_until(q: queue.Queue, stop: asyncio.Event) -> Any:
     return None
 
 
-def call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Awaitable[Any]],
-                 stop: asyncio.Event) -> Any:
-    """From a worker thread: run coroutine ``fn()`` on ``loop`` and wait for its result.
-
-    Gives up (returning None) once ``stop`` is set, so a send blocked on a missing peer cannot
-    hold the role open at shutdown.
-    """
-    async def in_loop() -> Any:
-        return await fn()  # fn() must be called on the loop's thread: zmq.asyncio needs its loop
-
-    fut = asyncio.run_coroutine_threadsafe(in_loop(), loop)
-    while True:
+def send_until(sock: zmq.Socket, frames: Sequence[Any], stop: asyncio.Event | threading.Event) -> bool:
+    """From the worker thread that owns the blocking socket ``sock``: send ``frames``, waiting while
+    the send high-water mark is reached (bounded backpressure) but giving up once ``stop`` is set.
+    True if sent."""
+    while not stop.is_set():
         try:
-            return fut.result(timeout=0.25)
-        except concurrent.futures.TimeoutError:
-            if stop.is_set():
-                fut.cancel()
-                return None
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            sock.poll(250, zmq.POLLOUT)
+    return False

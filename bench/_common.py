@@ -15,6 +15,17 @@ for p in (str(ROOT), str(ROOT / "tests")):
 from conftest import endpoint_flags, free_port_base  # noqa: E402,F401
 
 
+def machine_line() -> str:
+    """The machine in one line: CPU model, vector capabilities (AVX2, AVX-512, VNNI, BF16, AMX), cores."""
+    from apex_zmq import cpu
+    return f"cpu: {cpu.detect().describe()}"
+
+
+def print_machine() -> None:
+    """Print ``machine_line()``: every benchmark's first line, so each figure names its machine."""
+    print(machine_line(), flush=True)
+
+
 def real_chunks(env: str, count: int, envs: int = 32) -> list:
     """``count`` real experience chunks from ``env``, made by the actor's own core.
 

@@ -41,6 +41,9 @@ from apex_zmq.networks import build_network, choose_acting, int8_engine, state_a
 from apex_zmq.wire import Weights, decode_experience, decode_telemetry, encode  # noqa: E402
 from conftest import endpoint_flags, free_port_base  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import print_machine  # noqa: E402
+
 
 def bare_env_rate(env_id: str, envs: int, threads: int, seconds: float) -> float:
     """Agent steps/s of the vector env alone with random actions."""
@@ -158,9 +161,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    print_machine()
     caps = cpu.detect()
     choice = choose_acting(args.acting_dtype, True, caps, int8_engine())
-    print(f"cpu: {caps.describe()}; acting copy ({args.acting_dtype}): {choice.label} ({choice.why})", flush=True)
+    print(f"acting copy ({args.acting_dtype}): {choice.label} ({choice.why})", flush=True)
     actor, bare = [], []
     for r in range(args.rounds):
         bare.append(bare_env_rate(args.env, args.envs, args.bare_threads, args.seconds))

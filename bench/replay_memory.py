@@ -35,6 +35,9 @@ from apex_zmq.actor import ActorCore  # noqa: E402
 from apex_zmq.wire import decode_telemetry, encode  # noqa: E402
 from conftest import endpoint_flags, free_port_base  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import print_machine  # noqa: E402
+
 
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process."""
@@ -132,6 +135,7 @@ def main() -> None:
     ap.add_argument("--transitions", type=int, default=100_000)
     ap.add_argument("--envs", type=int, default=32)
     args = ap.parse_args()
+    print_machine()
     results = {}
     for env in ("ALE/MsPacman-v5", "ALE/Pong-v5"):
         base = empty_rss(env)

@@ -4,7 +4,11 @@ Three processes, all real: the replay server (``python -m apex_zmq.replay_server
 ``--size``), a producer that fills it with real Pong chunks (made by the actor's own core with random
 Q values; a pool of encoded chunks is resent) and then keeps pushing at ``--insert-rate``
 transitions/s, and a consumer that receives batches of ``--batch`` (strict decode) and returns a
-priority update for every batch. Batches/s is counted at the consumer over ``--seconds``.
+priority update for every batch. Batches/s is counted at the consumer over ``--seconds``, twice on the
+same filled server: first as the server delivers them (lz4-compressed frame tables, decoded but not
+decompressed), then with the consumer also decompressing and stacking each batch into obs / next-obs
+tensors as the learner's loader does (``apex_zmq.dqn.batch_from_sample``, one thread, 1 torch thread),
+which is the form cpprb hands over.
 
 The reference is cpprb's ``PrioritizedReplayBuffer`` holding the same number of transitions of the
 same frames (obs with ``next_of`` and ``stack_compress``, cpprb's memory-saving Atari layout),
@@ -12,7 +16,8 @@ timed on ``sample(batch)`` + ``update_priorities`` in this process, after the sy
 
     .venv/bin/python bench/replay_server.py [--size 1000000] [--batch 512] [--insert-rate 10000]
 
-Last line: ``replay_batches_per_s=<x> cpprb_batches_per_s=<y> ratio=<x/y>``.
+Last line: ``replay_batches_per_s=<x> [...] replay_stacked_batches_per_s=<z> [...] cpprb_batches_per_s=<y>
+[...] ratio=<x/y> stacked_ratio=<z/y>``, each figure followed in brackets by what that side delivers.
 """
 
 from __future__ import annotations
@@ -28,16 +33,27 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, endpoints, free_port_base, producer, real_chunks, wait_for_metric  # noqa: E402
+from _common import ROOT, endpoints, free_port_base, print_machine, producer, real_chunks, wait_for_metric  # noqa: E402
 
 ENV = "ALE/Pong-v5"
 
 
-def consumer(samples: str, priorities: str, start: mp.Event, stop: mp.Event, out: mp.Queue) -> None:
-    """Receive batches, decode them strictly, send back one priority update per batch."""
+def consumer(samples: str, priorities: str, start: mp.Event, stacked: mp.Event, stop: mp.Event,
+             out: mp.Queue) -> None:
+    """Receive batches, decode them strictly, send back one priority update per batch.
+
+    Counts from ``start`` until ``stacked`` as delivered (frames left compressed), then from
+    ``stacked`` until ``stop`` with each batch also decompressed and stacked as the learner's loader does.
+    """
+    import torch
     import zmq
 
+    from apex_zmq.dqn import batch_from_sample
+    from apex_zmq.envs import env_spec
     from apex_zmq.wire import PriorityUpdate, decode_sample, encode
+    torch.set_num_threads(1)  # a loader thread's budget (the launcher gives each role 1 torch thread here)
+    spec = env_spec(ENV)
+    cpu_dev = torch.device("cpu")
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 4)
@@ -45,11 +61,17 @@ def consumer(samples: str, priorities: str, start: mp.Event, stop: mp.Event, out
     push = ctx.socket(zmq.PUSH)
     push.connect(priorities)
     rng = np.random.default_rng(0)
-    counted, t0 = 0, None
+    counted, t0, phase = 0, None, "consumer_batches_per_s"
     while not stop.is_set():
+        if phase == "consumer_batches_per_s" and stacked.is_set():  # switch: report, count afresh
+            out.put((phase, counted / (time.monotonic() - t0) if t0 else 0.0))
+            counted, t0, phase = 0, None, "consumer_stacked_batches_per_s"
         if not pull.poll(200):
             continue
         batch = decode_sample(pull.recv_multipart(copy=False))
+        if phase == "consumer_stacked_batches_per_s":
+            b = batch_from_sample(batch, spec.num_actions, cpu_dev, obs_spec=(spec.obs_shape, spec.obs_dtype))
+            assert b.obs.shape == (len(batch.ids), *spec.obs_shape) and not len(b.bad_ids)
         push.send_multipart(encode(PriorityUpdate(sender="learner", seq=batch.seq, ids=batch.ids,
                                                   priority=rng.random(len(batch.ids)).astype(np.float32))))
         if start.is_set():
@@ -57,11 +79,12 @@ def consumer(samples: str, priorities: str, start: mp.Event, stop: mp.Event, out
                 t0 = time.monotonic()
             else:
                 counted += 1
-    out.put(("consumer_batches_per_s", counted / (time.monotonic() - t0) if t0 else 0.0))
+    out.put((phase, counted / (time.monotonic() - t0) if t0 else 0.0))
 
 
-def run_system(size: int, batch: int, rate: float, seconds: float) -> tuple[float, dict]:
-    """Batches/s of the replay server process at ``size`` transitions under load."""
+def run_system(size: int, batch: int, rate: float, seconds: float) -> tuple[float, float, dict]:
+    """Batches/s of the replay server process at ``size`` transitions under load, as delivered and
+    with the consumer decompressing and stacking each batch."""
     import zmq
 
     from apex_zmq.wire import decode_telemetry
@@ -73,14 +96,14 @@ def run_system(size: int, batch: int, rate: float, seconds: float) -> tuple[floa
     tel.setsockopt(zmq.SUBSCRIBE, b"")
     tel.bind(ep["telemetry"])
     spawn = mp.get_context("spawn")
-    throttle, start, stop, out = spawn.Event(), spawn.Event(), spawn.Event(), spawn.Queue()
+    throttle, start, stacked, stop, out = spawn.Event(), spawn.Event(), spawn.Event(), spawn.Event(), spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
             [sys.executable, "-m", "apex_zmq.replay_server", "--env", ENV, "--run-dir", tmp, *flags,
              "--capacity", str(size), "--min-size", str(size), "--batch-size", str(batch),
              "--telemetry-period", "1"], cwd=ROOT)
         prod = spawn.Process(target=producer, args=(ENV, ep["experience"], 40, size, rate, throttle, stop, out))
-        cons = spawn.Process(target=consumer, args=(ep["samples"], ep["priorities"], start, stop, out))
+        cons = spawn.Process(target=consumer, args=(ep["samples"], ep["priorities"], start, stacked, stop, out))
         prod.start()
         cons.start()
         try:
@@ -90,13 +113,19 @@ def run_system(size: int, batch: int, rate: float, seconds: float) -> tuple[floa
             throttle.set()
             time.sleep(3)  # let the paced producer and sampling settle
             start.set()
-            tel_rates: list[dict] = []
+            tel_rates: list[dict] = []  # server telemetry while the consumer takes batches as delivered
             t_end = time.monotonic() + seconds
             while time.monotonic() < t_end:
                 if tel.poll(500):
                     tel_rates.append(decode_telemetry(tel.recv_multipart()).metrics)
+            stacked.set()
+            time.sleep(1)
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end:
+                if tel.poll(500):
+                    tel.recv_multipart()  # drained, not used
             stop.set()
-            results = dict(out.get(timeout=30) for _ in range(3))
+            results = dict(out.get(timeout=30) for _ in range(4))
             prod.join(30)
             cons.join(30)
         finally:
@@ -109,7 +138,7 @@ def run_system(size: int, batch: int, rate: float, seconds: float) -> tuple[floa
     med = {k: float(np.median([m[k] for m in tel_rates if k in m]))
            for k in ("replay/inserted_per_s", "replay/sampled_per_s", "replay/updated_per_s", "replay/size")}
     results.update(med)
-    return results["consumer_batches_per_s"], results
+    return results["consumer_batches_per_s"], results["consumer_stacked_batches_per_s"], results
 
 
 def run_cpprb(size: int, batch: int, seconds: float) -> float:
@@ -152,14 +181,20 @@ def main() -> None:
     ap.add_argument("--insert-rate", type=float, default=10_000.0, help="transitions/s while measuring")
     ap.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args()
-    ours, r = run_system(args.size, args.batch, args.insert_rate, args.seconds)
+    print_machine()
+    ours, stacked, r = run_system(args.size, args.batch, args.insert_rate, args.seconds)
     print(f"replay server: {ours:.0f} batches/s of {args.batch} at the consumer; producer "
           f"{r['producer_rate']:.0f} transitions/s; server telemetry medians: "
           f"inserted {r['replay/inserted_per_s']:.0f}/s, sampled {r['replay/sampled_per_s']:.0f}/s, "
           f"updated {r['replay/updated_per_s']:.0f}/s, size {r['replay/size']:.0f}", flush=True)
+    print(f"replay server, consumer decompressing and stacking each batch (batch_from_sample, 1 thread): "
+          f"{stacked:.0f} batches/s of {args.batch}", flush=True)
     ref = run_cpprb(args.size, args.batch, args.seconds)
     print(f"cpprb PrioritizedReplayBuffer: {ref:.0f} batches/s (sample + update_priorities, in-process)")
-    print(f"replay_batches_per_s={ours:.0f} cpprb_batches_per_s={ref:.0f} ratio={ours / ref:.2f}")
+    print(f"replay_batches_per_s={ours:.0f} [lz4-compressed frame tables over ZeroMQ] "
+          f"replay_stacked_batches_per_s={stacked:.0f} [over ZeroMQ, decompressed and stacked by the consumer "
+          f"as the learner's loader does] cpprb_batches_per_s={ref:.0f} [decompressed obs/next-obs stacks "
+          f"in-process] ratio={ours / ref:.2f} stacked_ratio={stacked / ref:.2f}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, free_port_base  # noqa: E402
+from _common import ROOT, free_port_base, print_machine  # noqa: E402
 
 LEARNER_HWM = 4  # the learner's weights PUB (apex_zmq/learner.py)
 ACTOR_HWM = 2    # an actor's weights SUB (apex_zmq/actor.py)
@@ -237,6 +237,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--curve", action="store_true", help="CURVE on every connection, as across hosts")
     args = ap.parse_args()
+    print_machine()
     counts = [int(c) for c in args.counts.split(",")]
     mpc = mp.get_context("spawn")  # no fork of a process with ZeroMQ or torch threads
     tmp = tempfile.TemporaryDirectory()

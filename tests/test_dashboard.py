@@ -333,7 +333,7 @@ SLOTS = 8                    # CartPole preset: 1 actor x 8 envs
 HEARTBEAT_TIMEOUT = 6.0      # longer than a freeze below, short enough to wait for in a test
 FIGURES = ["eval-latest", "eval-steps", "eval-count", "learner-steps", "learner-steps-per-s", "learner-loss",
            "replay-size", "replay-inserted-per-s", "replay-sampled-per-s", "replay-updated-per-s",
-           "actor-steps-per-s", "ladder-slots", "actor-acting", "actor-agreement"]
+           "actor-steps-per-s", "ladder-slots", "actor-acting", "actor-agreement", "replay-spi", "replay-spi-target"]
 READ_DOM = """() => {
   const text = id => document.getElementById(id).textContent;
   const rows = sel => [...document.querySelectorAll(sel)].map(tr =>
@@ -517,6 +517,10 @@ def test_page_figures_match_the_state_and_what_the_roles_reported(snapshot: dict
                      ("actor-steps-per-s", "actor/steps_per_s")):
         assert num(f[fig]) == pytest.approx(latest[tag], abs=0.5001 if latest[tag] >= 100 else 0.0501), (fig, f[fig])
         assert latest[tag] in reported[tag], (tag, latest[tag])
+    # Replay ratio: achieved samples per insert, and that nothing holds it in this run.
+    assert num(f["replay-spi"]) == pytest.approx(latest["replay/samples_per_insert"], abs=0.00501)
+    assert latest["replay/samples_per_insert"] in reported["replay/samples_per_insert"]
+    assert f["replay-spi-target"] == "(not limited)" and latest["replay/samples_per_insert_target"] == 0
     # The acting copy of the least agreeing actor (CartPole's MLP: float32, or bf16 where native).
     assert f["actor-acting"] == {32.0: "float32", 16.0: "bfloat16"}[latest["actor/acting_bits"]]
     assert f["actor-agreement"] == f"{100 * latest['actor/acting_agreement']:.0f}%"

@@ -127,6 +127,9 @@
     setText("replay-sampled-per-s", fmtRate(m["replay/sampled_per_s"]));
     setText("replay-updated-per-s", fmtRate(m["replay/updated_per_s"]));
     setText("actor-steps-per-s", fmtRate(m["actor/steps_per_s"]));
+    const spi = m["replay/samples_per_insert"], target = m["replay/samples_per_insert_target"];
+    setText("replay-spi", spi == null ? "-" : spi.toFixed(2));
+    setText("replay-spi-target", target ? `(held to ${target})` : "(not limited)");
     const bits = m["actor/acting_bits"];
     setText("actor-acting", bits == null ? "-" :
             ({32: "float32", 16: "bfloat16", 8: "int8", 7: "int8 (7-bit)"}[bits] || `${bits}-bit`));

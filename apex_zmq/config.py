@@ -65,7 +65,8 @@ class Common:
                             "(0: ./run.sh starts cores - 2, at least 1; a lone actor counts 1)")
     envs_per_actor: int = _f(32, "environments each actor process steps as one batch")
     telemetry_period: float = _f(1.0, "seconds between telemetry reports")
-    torch_threads: int = _f(1, "intra-op threads for torch in this process")
+    torch_threads: int = _f(1, "intra-op threads for torch in each worker thread of this process (./run.sh "
+                              "sets it per role from its core budget: see --learner-threads)")
 
 
 @dataclass
@@ -161,6 +162,9 @@ class LaunchConfig(ActorConfig, ReplayConfig, LearnerConfig, EvaluatorConfig):
     """``./run.sh``: all roles on this machine, supervised; takes every role's flags and passes them on."""
 
     port_base: int = _f(0, "put all five endpoints on loopback ports from here (0: use the endpoints)")
+    learner_threads: int = _f(0, "torch threads of the learner (0: the cores left after the actors, replay "
+                                 "server and evaluator get one each, at least 1; 1 with a GPU); every other "
+                                 "role gets one core and one torch thread")
     max_restarts: int = _f(5, "restarts of one role in a row before the run is given up")
     max_seconds: float = _f(0.0, "stop the whole run after this many seconds (0: no limit)")
 

@@ -198,24 +198,63 @@ def exit_code(outcome: str) -> int:
     return 1 if outcome == "failed" else 0
 
 
-def build_roles(cfg: C.LaunchConfig, config_path: Path) -> list[Role]:
-    """The processes of a one-machine run, each reading the saved run config."""
+@dataclass(frozen=True)
+class RoleBudget:
+    """The share of the machine ``./run.sh`` plans for one role process."""
+
+    cores: float        # cores the role is planned to keep busy
+    torch_threads: int  # intra-op threads of each of its workers that run torch (also its OMP floor)
+    busy_threads: int   # threads that may be busy at once: workers, event loop, ZeroMQ's I/O thread
+
+
+def plan_budgets(cfg: C.LaunchConfig, cores: int, learner_on_gpu: bool) -> dict[str, RoleBudget]:
+    """Each role's budget on a machine of ``cores`` cores (one place: the launcher passes each role
+    its ``--torch-threads`` and OpenMP/MKL/OpenBLAS floor from here).
+
+    Every actor, the replay server and the evaluator get one core each; the learner trains with
+    ``--learner-threads`` torch threads (0: the cores left over, at least 1; 1 on a GPU, where the
+    CPU only feeds it). A role's busy threads: its workers (an Atari actor's env groups step in
+    ale-py's own threads), plus its event loop and ZeroMQ's I/O thread.
+    """
+    io = 2  # event loop + ZeroMQ I/O thread
+    spare = max(1, cores - cfg.num_actors - 2)
+    learner_threads = cfg.learner_threads or (1 if learner_on_gpu else spare)
+    atari = cfg.env.startswith("ALE/")
+    env_threads = cfg.env_groups * cfg.env_threads if atari else 0
+    return {
+        "actor": RoleBudget(1.0, 1, 1 + env_threads + io),
+        "replay_server": RoleBudget(1.0, 1, 1 + io),  # the loop is its work; snapshots add a writer
+        "learner": RoleBudget(float(learner_threads), learner_threads, learner_threads + cfg.loader_threads + io),
+        "evaluator": RoleBudget(1.0, 1, 1 + io),
+    }
+
+
+def _learner_on_gpu(cfg: C.LaunchConfig) -> bool:
+    if cfg.device == "cpu":
+        return False
+    import torch
+    return torch.cuda.is_available()
+
+
+def build_roles(cfg: C.LaunchConfig, config_path: Path, cores: int | None = None,
+                learner_on_gpu: bool | None = None) -> list[Role]:
+    """The processes of a one-machine run, each reading the saved run config, each with its budget."""
     logs = Path(cfg.run_dir) / "logs"
-    base = ["--config", str(config_path)]
-    # A floor under every role's thread use: OpenMP, MKL and OpenBLAS (numpy) teams default to every
-    # core otherwise, and OpenBLAS threads spin while they wait (each role also sets torch's thread
-    # count in every worker thread that runs torch).
-    env = {**os.environ, **{v: str(cfg.torch_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                                 "OPENBLAS_NUM_THREADS")}}
+    budgets = plan_budgets(cfg, cores or os.cpu_count() or 1,
+                           _learner_on_gpu(cfg) if learner_on_gpu is None else learner_on_gpu)
 
-    def argv(role: str, *extra: str) -> list[str]:
-        return [sys.executable, "-m", ROLE_MODULES[role], *base, *extra]
+    def role(name: str, kind: str, *extra: str, **kw) -> Role:
+        threads = str(budgets[kind].torch_threads)
+        # A floor under every thread pool of the process: OpenMP, MKL and OpenBLAS (numpy) teams are
+        # every core otherwise, and idle OpenBLAS threads spin (each role's workers also set torch's).
+        env = {**os.environ, **{v: threads for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+        argv = [sys.executable, "-m", ROLE_MODULES[kind], "--config", str(config_path), *extra,
+                "--torch-threads", threads]
+        return Role(name, argv, logs / f"{name}.log", env=env, **kw)
 
-    roles = [Role("evaluator", argv("evaluator"), logs / "evaluator.log", echo=True, env=env),
-             Role("replay_server", argv("replay_server"), logs / "replay_server.log", env=env),
-             Role("learner", argv("learner"), logs / "learner.log", env=env)]
-    roles += [Role(f"actor-{i}", argv("actor", "--actor-index", str(i)), logs / f"actor-{i}.log",
-                   tell_restart=True, env=env) for i in range(cfg.num_actors)]
+    roles = [role("evaluator", "evaluator", echo=True), role("replay_server", "replay_server"),
+             role("learner", "learner")]
+    roles += [role(f"actor-{i}", "actor", "--actor-index", str(i), tell_restart=True) for i in range(cfg.num_actors)]
     return roles
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import queue
 import sys
@@ -17,7 +18,7 @@ from . import config as C
 from .dqn import DQNLearner, batch_from_sample
 from .envs import env_spec
 from .networks import build_network, state_arrays
-from .transport import Sockets, get_until, install_stop, put_until, run_role, send_until
+from .transport import Sockets, get_until, install_stop, put_until, recv_until, run_role, send_until
 from .wire import PriorityUpdate, Telemetry, Weights, WireError, decode_sample, encode, new_incarnation
 
 
@@ -92,25 +93,23 @@ async def main_async(cfg: C.LearnerConfig) -> None:
     if core.resumed_from >= 0:
         print(f"learner: resumed from {core.ckpt_path} at step {core.resumed_from}", flush=True)
     socks = Sockets(cfg.insecure, cfg.keys)
-    samples = socks.connect(zmq.PULL, cfg.samples, hwm=2)
+    # Each loader thread owns a PULL socket (the replay deals batches to them in turn): a batch goes
+    # from ZeroMQ to the thread that decodes it with no hop through the event loop.
+    samples = [socks.connect(zmq.PULL, cfg.samples, hwm=1, sync=True) for _ in range(cfg.loader_threads)]
     prios = socks.connect(zmq.PUSH, cfg.priorities, hwm=64, sync=True)  # owned by the trainer thread
     weights = socks.bind(zmq.PUB, cfg.weights, hwm=4)
     tel = socks.connect(zmq.PUB, cfg.telemetry)
     stop = asyncio.Event()
     install_stop(stop)
-    raw_q: queue.Queue = queue.Queue(maxsize=2)
     batch_q: queue.Queue = queue.Queue(maxsize=2)
     counts = {"rejected": 0}
     latest = {"frames": core.weights(0)}
 
-    async def receive() -> None:
-        while True:
-            frames = await samples.recv_multipart(copy=False)
-            await asyncio.to_thread(put_until, raw_q, frames, stop)
-
-    def loader() -> None:
-        # Decode and decompress ahead of the training step; lz4 and torch release the GIL.
-        while (frames := get_until(raw_q, stop)) is not None:
+    def loader(sock) -> None:
+        # Decode and decompress ahead of the training step; lz4 and torch release the GIL. Loaders
+        # index and copy small tensors: one torch thread each, the trainer has the role's budget.
+        torch.set_num_threads(1)
+        while (frames := recv_until(sock, stop)) is not None:
             try:
                 b = batch_from_sample(decode_sample(frames), core.spec.num_actions, core.device,
                                       pin=core.device.type == "cuda", channels_last=core.channels_last,
@@ -169,8 +168,8 @@ async def main_async(cfg: C.LearnerConfig) -> None:
                                                       time=time.time(), metrics=metrics)))
 
     try:
-        await run_role(stop, [receive(), publish(), report()],
-                       [trainer] + [loader] * cfg.loader_threads, torch_threads=cfg.torch_threads)
+        await run_role(stop, [publish(), report()],
+                       [trainer] + [functools.partial(loader, s) for s in samples], torch_threads=cfg.torch_threads)
     finally:
         socks.close()
 

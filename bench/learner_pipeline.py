@@ -9,14 +9,18 @@ telemetry (median of the per-second reports over ``--seconds``, after a warm-up)
 Standalone: the same ``DQNLearner`` step (same network, batch size, torch threads) in this process
 on pre-made tensors (one real sampled batch, decompressed once), no I/O at all.
 
-On this CPU machine the defaults are the Nature dueling CNN at batch 32 with 1 torch thread (the
-batch-512 CNN step takes over a second on 2 cores). With 2 torch threads on a 2-core machine the
-training step competes with the replay server, the producer and the loader for the second core:
-that measures the machine's size, not the pipeline (BENCHMARKS.md gives both).
+Two networks (``--net``, default both): the Nature dueling CNN on Pong at batch 32 (the batch-512
+CNN step takes over a second on 2 cores), and the CartPole dueling MLP (the CartPole preset: hidden
+64, batch 128, real CartPole transitions), whose step is short enough (a millisecond or two) that
+the system's per-step overhead (receiving, decoding, priorities back, weight snapshots, telemetry)
+shows. 1 torch thread by default. With 2 torch threads on a 2-core machine the training step
+competes with the replay server, the producer and the loader for the second core: that measures the
+machine's size, not the pipeline (BENCHMARKS.md gives both).
 
-    .venv/bin/python bench/learner_pipeline.py [--batch 32] [--threads 1]
+    .venv/bin/python bench/learner_pipeline.py [--net both|cnn|mlp] [--batch N] [--threads 1]
 
-Last line: ``learner_steps_per_s=<x> standalone_steps_per_s=<y> efficiency=<x/y>``.
+Last lines, one per network: ``net=<cnn|mlp> batch=<b> learner_steps_per_s=<x>
+standalone_steps_per_s=<y> efficiency=<x/y>``.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, endpoints, free_port_base, producer, real_chunks, wait_for_metric  # noqa: E402
+from _common import ROOT, endpoints, free_port_base, print_machine, producer, real_chunks, wait_for_metric  # noqa: E402
 
-ENV = "ALE/Pong-v5"
+# --net: (env, default batch, description)
+NETS = {"cnn": ("ALE/Pong-v5", 32, "Nature dueling CNN (Pong)"),
+        "mlp": ("CartPole-v1", 128, "CartPole dueling MLP (hidden 64)")}
 
 
-def in_system(batch: int, threads: int, fill: int, rate: float, seconds: float) -> tuple[float, float]:
+def in_system(env: str, batch: int, threads: int, fill: int, rate: float, seconds: float) -> tuple[float, float]:
     """Median learner steps/s and wait fraction reported by the learner program in a live system."""
     import zmq
 
@@ -50,12 +56,12 @@ def in_system(batch: int, threads: int, fill: int, rate: float, seconds: float) 
     throttle, stop, out = spawn.Event(), spawn.Event(), spawn.Queue()
     procs: list = []
     with tempfile.TemporaryDirectory() as tmp:
-        common = ["--env", ENV, "--run-dir", tmp, *flags]  # the replay server sets the batch size
+        common = ["--env", env, "--run-dir", tmp, *flags]  # the replay server sets the batch size
         try:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "apex_zmq.replay_server", *common, "--batch-size", str(batch), "--capacity", str(fill),
                  "--min-size", str(fill)], cwd=ROOT))
-            prod = spawn.Process(target=producer, args=(ENV, ep["experience"], 40, fill, rate, throttle, stop, out))
+            prod = spawn.Process(target=producer, args=(env, ep["experience"], 40, fill, rate, throttle, stop, out))
             prod.start()
             wait_for_metric(tel, "replay/size", fill, timeout=300)
             throttle.set()
@@ -80,7 +86,7 @@ def in_system(batch: int, threads: int, fill: int, rate: float, seconds: float) 
             prod.join(30)
 
 
-def standalone(batch: int, threads: int, seconds: float) -> float:
+def standalone(env: str, batch: int, threads: int, seconds: float) -> float:
     """Steps/s of the same training step on pre-made tensors."""
     import torch
 
@@ -90,10 +96,10 @@ def standalone(batch: int, threads: int, seconds: float) -> float:
     from apex_zmq.networks import build_network
     from apex_zmq.replay import PrioritizedReplay
     torch.set_num_threads(threads)
-    cfg = C.resolve(C.parse(C.LearnerConfig, ["--env", ENV], "learner"))
-    spec = env_spec(ENV)
+    cfg = C.resolve(C.parse(C.LearnerConfig, ["--env", env], "learner"))
+    spec = env_spec(env)
     replay = PrioritizedReplay(100_000)
-    for c in real_chunks(ENV, 4):
+    for c in real_chunks(env, 4):
         replay.add(c)
     b = batch_from_sample(replay.sample(batch, 0.4), spec.num_actions, torch.device("cpu"))
     learner = DQNLearner(build_network(spec, cfg.hidden), cfg.optimizer, cfg.lr, cfg.target_update,
@@ -109,20 +115,29 @@ def standalone(batch: int, threads: int, seconds: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--net", choices=("both", *NETS), default="both",
+                    help="cnn: Nature dueling CNN on Pong; mlp: CartPole MLP; both (default)")
+    ap.add_argument("--batch", type=int, default=0, help="batch size (0: 32 for cnn, 128 for mlp)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the learner")
     ap.add_argument("--fill", type=int, default=50_000, help="transitions in the replay")
     ap.add_argument("--insert-rate", type=float, default=1000.0, help="transitions/s while measuring")
     ap.add_argument("--seconds", type=float, default=30.0)
     args = ap.parse_args()
-    sys_rate, wait = in_system(args.batch, args.threads, args.fill, args.insert_rate, args.seconds)
-    print(f"in the system: {sys_rate:.1f} steps/s (median of per-second reports), "
-          f"waiting for data {wait:.1%} of the time", flush=True)
-    alone = standalone(args.batch, args.threads, args.seconds)
-    print(f"standalone: {alone:.1f} steps/s")
-    print(f"network=Nature dueling CNN batch={args.batch} threads={args.threads} device=cpu")
-    print(f"learner_steps_per_s={sys_rate:.1f} standalone_steps_per_s={alone:.1f} "
-          f"efficiency={sys_rate / alone:.2f}")
+    print_machine()
+    results = []
+    for net in (NETS if args.net == "both" else [args.net]):
+        env, default_batch, what = NETS[net]
+        batch = args.batch or default_batch
+        sys_rate, wait = in_system(env, batch, args.threads, args.fill, args.insert_rate, args.seconds)
+        print(f"{net}: in the system: {sys_rate:.1f} steps/s (median of per-second reports), "
+              f"waiting for data {wait:.1%} of the time", flush=True)
+        alone = standalone(env, batch, args.threads, args.seconds)
+        print(f"{net}: standalone: {alone:.1f} steps/s", flush=True)
+        print(f"{net}: network={what} batch={batch} threads={args.threads} device=cpu", flush=True)
+        results.append(f"net={net} batch={batch} learner_steps_per_s={sys_rate:.1f} "
+                       f"standalone_steps_per_s={alone:.1f} efficiency={sys_rate / alone:.2f}")
+    for line in results:
+        print(line)
 
 
 if __name__ == "__main__":

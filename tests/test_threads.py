@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from apex_zmq import config as C
-from apex_zmq.launch import build_roles
+from apex_zmq.launch import RoleBudget, build_roles, plan_budgets
 from apex_zmq.transport import run_role
 
 
@@ -31,11 +31,31 @@ def test_worker_threads_run_torch_with_the_role_budget() -> None:
         torch.set_num_threads(before)
 
 
-def test_launcher_gives_every_role_an_openmp_floor(tmp_path: Path) -> None:
-    cfg = C.parse(C.LaunchConfig, ["--env", "CartPole-v1", "--run-dir", str(tmp_path), "--num-actors", "2",
-                                   "--torch-threads", "1"], "run")
-    roles = build_roles(cfg, tmp_path / "config.json")
-    assert len(roles) == 5
+def _cfg(tmp_path: Path, *flags: str) -> C.LaunchConfig:
+    return C.parse(C.LaunchConfig, ["--run-dir", str(tmp_path), *flags], "run")
+
+
+@pytest.mark.parametrize("flags,cores,gpu,learner", [
+    (["--env", "CartPole-v1", "--num-actors", "1"], 2, False, RoleBudget(1.0, 1, 1 + 1 + 2)),   # 1 loader (preset)
+    (["--env", "ALE/Pong-v5", "--num-actors", "14"], 16, False, RoleBudget(1.0, 1, 1 + 2 + 2)),
+    (["--env", "ALE/Pong-v5", "--num-actors", "8"], 16, False, RoleBudget(6.0, 6, 6 + 2 + 2)),
+    (["--env", "ALE/Pong-v5", "--num-actors", "8"], 16, True, RoleBudget(1.0, 1, 1 + 2 + 2)),
+    (["--env", "ALE/Pong-v5", "--num-actors", "8", "--learner-threads", "3"], 16, False, RoleBudget(3.0, 3, 3 + 2 + 2)),
+])
+def test_budgets_per_role(tmp_path: Path, flags: list[str], cores: int, gpu: bool, learner: RoleBudget) -> None:
+    b = plan_budgets(_cfg(tmp_path, *flags), cores, gpu)
+    assert b["learner"] == learner
+    assert b["replay_server"] == RoleBudget(1.0, 1, 3) and b["evaluator"] == RoleBudget(1.0, 1, 3)
+    atari = "ALE/Pong-v5" in flags
+    assert b["actor"] == RoleBudget(1.0, 1, 1 + (2 * 1 if atari else 0) + 2)  # 2 env groups x 1 ale-py thread
+
+
+def test_launcher_gives_every_role_its_budget(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "--env", "ALE/Pong-v5", "--num-actors", "8", "--torch-threads", "1")
+    roles = build_roles(cfg, tmp_path / "config.json", cores=16, learner_on_gpu=False)
+    assert [r.name for r in roles] == ["evaluator", "replay_server", "learner"] + [f"actor-{i}" for i in range(8)]
     for r in roles:
+        want = "6" if r.name == "learner" else "1"
+        assert r.argv[-2:] == ["--torch-threads", want], r.name  # after --config: the budget wins
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            assert r.env[var] == "1", (r.name, var)
+            assert r.env[var] == want, (r.name, var)

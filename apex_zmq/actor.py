@@ -166,7 +166,7 @@ class ActorCore:
         lost = np.zeros_like(term)
         if grp.lives is not None:
             lives = np.asarray(info["lives"])
-            lost = life_lost(grp.lives, lives, grp.valid) & ~(term | trunc)
+            lost = life_lost(grp.lives, lives, grp.valid) & ~term  # (a game over is already an end)
             grp.lives = lives
         clipped = np.clip(rewards, -1.0, 1.0) if self.spec.atari else rewards
         # A lost life ends the return (discount 0) but not the game: the next step stays valid.

@@ -138,7 +138,8 @@ def graphed(learner, static, amp: bool):
     learner.opt = opt
 
     def body():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        # No autocast cache inside a graph capture (torch.cuda.graph's documented restriction).
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
             td = double_dqn_td(net, target, static).float()
         loss = (static.weight * F.smooth_l1_loss(td, torch.zeros_like(td), reduction="none")).mean()
         loss.backward()
@@ -444,7 +445,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     out = {"env": ENV, "network": "Nature dueling CNN", "device": args.device, "batch": args.batch,
            "loader_threads": loaders, "torch_threads": threads, "launcher_loader_threads": launch_loaders,
            "fill": args.fill, "insert_rate": args.insert_rate, "seconds": args.seconds, "machine": machine(),
-           "source": "bench/gpu_learner.py pipeline (bench/learner_pipeline.py has no --device)"}
+           "source": "bench/gpu_learner.py pipeline",
+           "learner_pipeline_flags": args.bench_flags.split() if args.bench_flags else None}
     print(f"pipeline: batch={args.batch} device={args.device} loader_threads={loaders} torch_threads={threads}",
           flush=True)
     out["status"] = "running"
@@ -592,6 +594,7 @@ def main() -> int:
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--timeout", type=float, default=120.0, help="for the fill and the learner's start")
     p.add_argument("--log-dir", default="", help="role logs here")
+    p.add_argument("--bench-flags", default="", help="the flags bench/learner_pipeline.py takes (recorded)")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_pipeline)
     p = sub.add_parser("parse-pipeline", help="bench/learner_pipeline.py's output to JSON")

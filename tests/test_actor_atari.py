@@ -64,7 +64,8 @@ def reference_transitions(rec: Recorder, k: int, steps: int) -> dict[int, dict]:
         for i in range(N):
             s = t + i
             ret += GAMMA ** i * max(-1.0, min(1.0, rec.rewards[s][k]))
-            lost_life = rec.lives[s + 1][k] < rec.lives[s][k] and not rec.term[s][k] and not rec.trunc[s][k]
+            # (a life lost on the frame-cap step still ends the return: no bootstrap past it)
+            lost_life = rec.lives[s + 1][k] < rec.lives[s][k] and not rec.term[s][k]
             if rec.term[s][k] or lost_life:
                 disc, boot = 0.0, s + 1
                 break

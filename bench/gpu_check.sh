@@ -27,8 +27,8 @@
 # summary.json. Exit status 0 when every step succeeded.
 #
 # APEX_GPU_DRY_RUN=1 bench/gpu_check.sh OUTDIR: the same steps and files on the CPU with tiny settings
-# (device cpu, batch 8, a few steps, no torch.compile, the training run = CartPole-v1 for 20 s with one
-# actor), to test the plumbing without a GPU (tests/test_gpu_check.py).
+# (device cpu, batch 8, a few steps, no torch.compile, the training run = CartPole-v1 for 25 s with one
+# actor; 25 s: a loaded 2-core machine takes ~10 s to start the learner), to test the plumbing without a GPU (tests/test_gpu_check.py).
 # Other knobs: APEX_GPU_BUDGET_S, APEX_GPU_PONG_SECONDS (420), APEX_GPU_ACTORS (cores - 4),
 # APEX_GPU_VARIANTS (fp32,bf16,bf16_graph,bf16_compile; also fp32_graph, bf16_compile_max,
 # bf16_compile_ro), APEX_GPU_COMPILE_MODE (mode of bf16_compile, e.g. max-autotune-no-cudagraphs),
@@ -54,10 +54,10 @@ FAILED=0
 
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu BATCH=8 TRAIN_ENV=CartPole-v1 ACTORS="${APEX_GPU_ACTORS:-1}"
-  BUDGET="${APEX_GPU_BUDGET_S:-170}" PONG_MAX="${APEX_GPU_PONG_SECONDS:-20}" PONG_MIN=10
+  BUDGET="${APEX_GPU_BUDGET_S:-170}" PONG_MAX="${APEX_GPU_PONG_SECONDS:-25}" PONG_MIN=10
   T_STANDALONE=45 T_PIPELINE=70
   STANDALONE_FLAGS=(--seconds 0.5 --min-steps 3 --warmup 1 --no-compile)
-  PIPELINE_FLAGS=(--fill 256 --pool 2 --envs 4 --seconds 4 --standalone-seconds 0.5 --warmup-steps 3 --timeout 40)
+  PIPELINE_FLAGS=(--fill 256 --pool 2 --envs 4 --seconds 3 --standalone-seconds 0.5 --warmup-steps 3 --timeout 40)
   PIPELINE_MODE="${APEX_GPU_PIPELINE:-own}"  # learner_pipeline.py's 40 x 32-env chunks take minutes here
   TRAIN_FLAGS=(--device cpu --envs-per-actor 4)
 else
@@ -162,6 +162,7 @@ if [ "$TORCH_OK" = 0 ]; then
   for s in standalone pipeline pong; do record "$s" skipped 0 0; done
   FAILED=1
 elif [ "$DRY" = 0 ] && ! grep -q '"cuda_available": true' "$OUT/torch_info.json" 2>/dev/null; then
+  NO_CUDA=1
   say "WARNING: torch sees no CUDA device ($(grep -o '"torch": "[^"]*"' "$OUT/torch_info.json")): the cuda steps will fail"
 fi
 
@@ -171,7 +172,7 @@ if [ "$TORCH_OK" = 1 ]; then
     --variants "$VARIANTS" --budget $(( T_STANDALONE - 10 )) "${STANDALONE_FLAGS[@]}" --out "$OUT/standalone.json"
 
   # ---- (b) learner pipeline efficiency: bench/learner_pipeline.py when it takes --device, else ours
-  LP_FLAGS_KNOWN="$("$PY" bench/learner_pipeline.py --help 2>/dev/null | grep -o -- '--[a-z][a-z-]*' | sort -u | tr '\n' ' ')"
+  LP_FLAGS_KNOWN="$(timeout 30 "$PY" bench/learner_pipeline.py --help 2>/dev/null | grep -o -- '--[a-z][a-z-]*' | sort -u | tr '\n' ' ')"
   if [ "$PIPELINE_MODE" = bench ] || { [ "$PIPELINE_MODE" = auto ] && [[ " $LP_FLAGS_KNOWN " == *" --device "* ]]; }; then
     LP_FLAGS=(--device "$DEVICE" --batch "$BATCH" --seconds "$([ "$DRY" = 1 ] && echo 4 || echo 15)")
     [ "$DRY" = 1 ] && LP_FLAGS+=(--fill 1024)
@@ -188,7 +189,11 @@ if [ "$TORCH_OK" = 1 ]; then
   PONG_S=$(( $(left) - RESERVE - SLACK ))
   (( PONG_S > PONG_MAX )) && PONG_S=$PONG_MAX
   RUN_DIR="$OUT/pong"
-  if (( PONG_S < PONG_MIN )); then
+  if [ "${NO_CUDA:-0}" = 1 ]; then
+    record pong skipped 0 0
+    say "step pong: skipped, no CUDA device (its learner would only restart)"
+    FAILED=1
+  elif (( PONG_S < PONG_MIN )); then
     record pong skipped 0 0
     say "step pong: skipped, ${PONG_S}s left for it (under ${PONG_MIN}s)"
     FAILED=1
@@ -231,13 +236,16 @@ s, p, g, info = load("standalone.json"), load("pipeline.json"), load("pong.json"
 lines, summary = [], {"total_s": total, "torch": info, "standalone": {}, "pipeline": {}, "pong": {}}
 for name, v in s.get("variants", {}).items():
     if v.get("status") == "ok":
+        speedup = s.get("speedup_vs_bf16", {}).get(name)
         lines.append(f"standalone {name}: steps_per_s={v['steps_per_s']:.1f} ms_per_step={v['ms_per_step']:.3f} "
-                     f"warmup_s={v['warmup_s']:.1f}")
+                     f"warmup_s={v['warmup_s']:.1f}" + (f" speedup_vs_bf16={speedup:.2f}" if speedup else ""))
         summary["standalone"][name] = v["steps_per_s"]
     else:
         why = "cut off by the step's timeout" if v.get("status") == "running" else v.get("error") or v.get("reason") or ""
         lines.append(f"standalone {name}: {v.get('status')} {why}".rstrip())
         summary["standalone"][name] = v.get("status")
+if not s.get("variants"):
+    lines.append(f"standalone: {s.get('status', 'missing')} {s.get('error', '')}".rstrip())
 if "best" in s:
     lines.append(f"standalone best: {s['best']['variant']} steps_per_s={s['best']['steps_per_s']:.1f} "
                  f"(device={s.get('device')} batch={s.get('batch')})")

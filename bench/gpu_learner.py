@@ -201,7 +201,9 @@ def run_variant(name: str, spec, cfg, device, batch: int, args) -> dict:
     step = learner.step
     extra = {}
     if name.endswith("_graph"):
+        t = time.perf_counter()
         step = graphed(learner, random_batch(spec, batch, device, channels_last, 3), amp)
+        extra["capture_s"] = time.perf_counter() - t  # 3 warm-up steps and the capture
     elif name in COMPILE_MODES:
         mode = COMPILE_MODES[name] if name != "bf16_compile" else (args.compile_mode or None)
         learner.net = torch.compile(learner.net, mode=mode)
@@ -219,7 +221,12 @@ def cmd_standalone(args: argparse.Namespace) -> int:
     from apex_zmq.learner import pick_device
     started = time.monotonic()
     deadline = started + args.budget
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except SystemExit as e:  # no CUDA: say so in the figures' file too
+        write_json(args.out, {"device": args.device, "batch": args.batch, "status": "error", "error": str(e),
+                              "variants": {}})
+        raise
     torch.set_num_threads(args.threads)
     spec = env_spec(ENV)
     cfg = learner_settings()
@@ -251,15 +258,15 @@ def cmd_standalone(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - one variant's failure is a result, not the end
             traceback.print_exc()
             entry = {"status": "error", "error": f"{type(e).__name__}: {e}"[:800]}
-        finally:
+        try:  # a variant that broke the CUDA context must not take the JSON with it
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
             if name in COMPILE_MODES:
-                try:
-                    torch._dynamo.reset()
-                except Exception:  # noqa: BLE001
-                    pass
+                torch._dynamo.reset()
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            entry["cleanup_error"] = f"{type(e).__name__}: {e}"[:400]
         out["variants"][name] = entry
         write_json(args.out, out)
         figure = f"{entry['steps_per_s']:.1f} steps/s ({entry['ms_per_step']:.2f} ms/step, warm-up " \
@@ -278,11 +285,17 @@ def cmd_standalone(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ pipeline
-def launcher_threads(num_actors: int) -> tuple[int, int]:
-    """(loader threads, torch threads) the launcher gives the learner for Pong."""
+def launcher_threads(num_actors: int, device: str) -> tuple[int, int]:
+    """(loader threads, torch threads) ``./run.sh`` gives the learner of a Pong run with
+    ``num_actors`` actors on this machine (its ``plan_budgets`` where the launcher has one)."""
     from apex_zmq import config as C
-    cfg = C.parse(C.LaunchConfig, ["--env", ENV, "--num-actors", str(num_actors)], "run")
-    return cfg.loader_threads, cfg.torch_threads
+    from apex_zmq import launch
+    cfg = C.parse(C.LaunchConfig, ["--env", ENV, "--num-actors", str(num_actors), "--device", device], "run")
+    plan = getattr(launch, "plan_budgets", None)
+    if plan is None:
+        return cfg.loader_threads, cfg.torch_threads
+    budget = plan(cfg, os.cpu_count() or 1, device == "cuda")["learner"]
+    return cfg.loader_threads, budget.torch_threads
 
 
 def make_chunks(env: str, count: int, envs: int) -> list:
@@ -356,9 +369,13 @@ def in_system(args, chunks: list, loaders: int, threads: int) -> dict:
     if logs:
         logs.mkdir(parents=True, exist_ok=True)
 
-    def start(role: str, extra: list[str]) -> subprocess.Popen:
+    def start(role: str, extra: list[str], threads: int) -> subprocess.Popen:
+        # As ./run.sh starts a role: its torch threads, and the same number as the OpenMP/MKL/OpenBLAS floor.
         f = open(logs / f"pipeline_{role}.log", "wb") if logs else None
-        return subprocess.Popen([sys.executable, "-m", f"apex_zmq.{role}", *common, *extra], cwd=ROOT,
+        env = {**os.environ, **{v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                          "OPENBLAS_NUM_THREADS")}}
+        return subprocess.Popen([sys.executable, "-m", f"apex_zmq.{role}", *common, *extra,
+                                 "--torch-threads", str(threads)], cwd=ROOT, env=env,
                                 stdout=f, stderr=subprocess.STDOUT if f else None)
 
     t0 = time.monotonic()
@@ -366,15 +383,15 @@ def in_system(args, chunks: list, loaders: int, threads: int) -> dict:
         common = ["--env", ENV, "--run-dir", tmp, *flags]
         try:
             procs.append(start("replay_server", ["--batch-size", str(args.batch), "--capacity", str(args.fill),
-                                                 "--min-size", str(args.fill)]))
+                                                 "--min-size", str(args.fill)], 1))
             prod = spawn.Process(target=feed, args=(ep["experience"], chunks, args.fill, args.insert_rate,
                                                     throttle, stop, out), daemon=True)
             prod.start()
             wait_for_metric(tel, "replay/size", args.fill, timeout=args.timeout)
             filled = time.monotonic()
             throttle.set()
-            procs.append(start("learner", ["--torch-threads", str(threads), "--loader-threads", str(loaders),
-                                           "--device", args.device, "--amp", "auto", "--checkpoint-period", "1e9"]))
+            procs.append(start("learner", ["--loader-threads", str(loaders), "--device", args.device,
+                                           "--amp", "auto", "--checkpoint-period", "1e9"], threads))
             wait_for_metric(tel, "learner/steps", args.warmup_steps, timeout=args.timeout)
             warmed = time.monotonic()
             series: dict[str, dict[str, list[float]]] = {}
@@ -438,8 +455,12 @@ def standalone_real(args, chunks: list, threads: int) -> dict:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from apex_zmq.learner import pick_device
-    pick_device(args.device)  # --device cuda without CUDA: stop here, not after the fill
-    launch_loaders, launch_threads = launcher_threads(args.num_actors)
+    try:
+        pick_device(args.device)  # --device cuda without CUDA: stop here, not after the fill
+    except SystemExit as e:
+        write_json(args.out, {"device": args.device, "batch": args.batch, "status": "error", "error": str(e)})
+        raise
+    launch_loaders, launch_threads = launcher_threads(args.num_actors, args.device)
     loaders = args.loader_threads or launch_loaders
     threads = args.threads or launch_threads
     out = {"env": ENV, "network": "Nature dueling CNN", "device": args.device, "batch": args.batch,

@@ -131,6 +131,16 @@ def counter_rate(rows, tag: str) -> float:
     return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
 
 
+def step_rate(rows, tag: str) -> float:
+    """Per second of a slow counter (the learner's steps) between the first and the last time it
+    changed in ``rows``: not quantized by the report period. Falls back to ``counter_rate``."""
+    pts = [(t, v) for t, g, v in rows if g == tag]
+    changes = [pts[i] for i in range(1, len(pts)) if pts[i][1] != pts[i - 1][1]]
+    if len(changes) < 3:
+        return counter_rate(rows, tag)
+    return (changes[-1][1] - changes[0][1]) / (changes[-1][0] - changes[0][0])
+
+
 def median_of(rows, tag: str) -> float:
     vals = [v for _, g, v in rows if g == tag]
     return statistics.median(vals) if vals else float("nan")
@@ -216,7 +226,7 @@ def run_system(args, tmp: Path) -> dict:
         "ready_s": ready - launched,
         # per second, from the counters' increase over the window
         "actor": counter_rate(win, "replay/inserted") / cfg.num_actors,  # transitions the actors delivered
-        "learner": counter_rate(win, "learner/steps"),
+        "learner": step_rate(win, "learner/steps"),
         "insert": counter_rate(win, "replay/inserted"),
         "batch": counter_rate(win, "replay/sampled") / bs,
         # medians of the per-second reports
@@ -389,8 +399,9 @@ def learner_alone(config_path: Path, cfg, threads: int, chunks: list, seconds: f
 
 # --------------------------------------------------------------------------- replay server alone
 
-def pusher(endpoint: str, chunks: list, stop, out) -> None:
-    """A process body: push the chunks (encoded once) round and round as fast as the server takes them."""
+def pusher(endpoint: str, chunks: list, start, stop, out) -> None:
+    """A process body: push the chunks (encoded once) round and round as fast as the server takes them;
+    counts what it sent between ``start`` and ``stop``."""
     import zmq
 
     from apex_zmq.wire import encode
@@ -399,13 +410,15 @@ def pusher(endpoint: str, chunks: list, stop, out) -> None:
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 8)  # the actor's experience socket's high-water mark
     push.connect(endpoint)
-    sent, i, t0 = 0, 0, time.monotonic()
+    sent, i, t0 = 0, 0, None
     while not stop.is_set():
+        if t0 is None and start.is_set():
+            sent, t0 = 0, time.monotonic()
         if push.poll(200, zmq.POLLOUT):
             push.send_multipart(pool[i % len(pool)], copy=False)
             sent += sizes[i % len(pool)]
             i += 1
-    out.put(("pusher", sent / (time.monotonic() - t0)))
+    out.put(("pusher", sent / (time.monotonic() - t0) if t0 else 0.0))
     push.close(linger=0)
 
 
@@ -457,7 +470,7 @@ def replay_alone(config_path: Path, cfg, threads: int, chunks: list, seconds: fl
                                "--run-dir", str(tmp / "replay_alone"), *flags, "--torch-threads", str(threads),
                                "--telemetry-period", "1"],
                               cwd=ROOT, env=floor_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    prod = spawn.Process(target=pusher, args=(ep["experience"], chunks, stop, out))
+    prod = spawn.Process(target=pusher, args=(ep["experience"], chunks, start, stop, out))
     cons = spawn.Process(target=consumer, args=(ep["samples"], ep["priorities"], start, stop, out))
     prod.start()
     cons.start()
@@ -515,6 +528,7 @@ def main() -> None:
     ap.add_argument("--startup-timeout", type=float, default=240.0)
     args = ap.parse_args()
     print_machine()
+    print(f"load average at start (1/5/15 min): {'/'.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     with tempfile.TemporaryDirectory(prefix="system_throughput_") as tmp_s:
         tmp = Path(tmp_s)
         t_start = time.monotonic()
@@ -538,7 +552,7 @@ def main() -> None:
             kind = "actor" if name.startswith("actor") else name
             b = budgets.get(kind)
             total += u["cores"]
-            print(f"system cpu: {name}: {u['cores']:.2f} cores"
+            print(f"system cpu: {name}: {u['cores']:.3f} cores"
                   + (f" (budget {b.cores:g}), busy threads {len(busy_threads(u))} (budget {b.busy_threads})" if b
                      else " (no budget)") + f": {busy_threads(u)}", flush=True)
         print(f"system cpu: all processes {total:.2f} of {os.cpu_count()} cores", flush=True)
@@ -563,7 +577,9 @@ def main() -> None:
               f"busy {busy_threads(ru['replay_server'])}, pusher {ru['pusher']['cores']:.2f}, consumer "
               f"{ru['consumer']['cores']:.2f}", flush=True)
 
-        rows = [("actor (env steps/s, per actor)", s["actor"], a_rate, "actor-0", "actor", a_use["cores"]),
+        actors = [n for n in usage if n.startswith("actor-")]
+        usage["actor"] = {"cores": statistics.mean(usage[n]["cores"] for n in actors)}  # per actor process
+        rows = [("actor (env steps/s, per actor)", s["actor"], a_rate, "actor", "actor", a_use["cores"]),
                 ("learner (steps/s)", s["learner"], l_rate, "learner", "learner", l_use["cores"]),
                 ("replay inserts/s", s["insert"], r["insert"], "replay_server", "replay_server",
                  ru["replay_server"]["cores"]),
@@ -574,14 +590,15 @@ def main() -> None:
         print(f"| role | rate in system | rate alone | ratio | CPU in system (cores) | CPU budget (cores) "
               f"| CPU alone (cores) |")
         print("|---|---|---|---|---|---|---|")
-        fmt = lambda x: "—" if x is None else (f"{x:.2f}" if x < 10 else f"{x:.0f}")  # noqa: E731
+        def fmt(x: float | None) -> str:
+            return "—" if x is None else f"{x:.3f}" if x < 0.1 else f"{x:.2f}" if x < 10 else f"{x:.0f}"
         for label, sys_rate, alone, proc_name, kind, alone_cpu in rows:
             ratio = None if sys_rate is None else sys_rate / alone
-            print(f"| {label} | {fmt(sys_rate)} | {fmt(alone)} | {'—' if ratio is None else f'{ratio:.2f}'} "
-                  f"| {usage[proc_name]['cores']:.2f} | {budgets[kind].cores:g} "
-                  f"| {'—' if alone_cpu is None else f'{alone_cpu:.2f}'} |")
+            print(f"| {label} | {fmt(sys_rate)} | {fmt(alone)} | {fmt(ratio)} | {fmt(usage[proc_name]['cores'])} "
+                  f"| {budgets[kind].cores:g} | {fmt(alone_cpu)} |")
         print()
-        print(f"total {time.monotonic() - t_start:.0f}s")
+        print(f"total {time.monotonic() - t_start:.0f}s; load average at end (1/5/15 min): "
+              f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(f"system_actor_ratio={s['actor'] / a_rate:.2f} system_learner_ratio={s['learner'] / l_rate:.2f} "
               f"system_replay_insert_ratio={s['insert'] / r['insert']:.3f} "
               f"system_replay_batch_ratio={s['batch'] / r['batch']:.3f}")

@@ -73,7 +73,8 @@ def consumer(samples: str, priorities: str, start: mp.Event, stacked: mp.Event, 
             b = batch_from_sample(batch, spec.num_actions, cpu_dev, obs_spec=(spec.obs_shape, spec.obs_dtype))
             assert b.obs.shape == (len(batch.ids), *spec.obs_shape) and not len(b.bad_ids)
         push.send_multipart(encode(PriorityUpdate(sender="learner", seq=batch.seq, ids=batch.ids,
-                                                  priority=rng.random(len(batch.ids)).astype(np.float32))))
+                                                  priority=rng.random(len(batch.ids)).astype(np.float32),
+                                                  incarnation=batch.incarnation)))  # else dropped as stale
         if start.is_set():
             if t0 is None:
                 t0 = time.monotonic()
@@ -187,6 +188,9 @@ def main() -> None:
           f"{r['producer_rate']:.0f} transitions/s; server telemetry medians: "
           f"inserted {r['replay/inserted_per_s']:.0f}/s, sampled {r['replay/sampled_per_s']:.0f}/s, "
           f"updated {r['replay/updated_per_s']:.0f}/s, size {r['replay/size']:.0f}", flush=True)
+    if not r["replay/updated_per_s"] > 0:
+        print("WARNING: the server applied no priority updates (telemetry replay/updated_per_s is 0): "
+              "the consumer's updates were dropped, so the figures below are not the real workload", flush=True)
     print(f"replay server, consumer decompressing and stacking each batch (batch_from_sample, 1 thread): "
           f"{stacked:.0f} batches/s of {args.batch}", flush=True)
     ref = run_cpprb(args.size, args.batch, args.seconds)

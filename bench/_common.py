@@ -58,6 +58,17 @@ def endpoints(base: int) -> dict[str, str]:
     return {k.lstrip("-"): v for k, v in zip(flags[0::2], flags[1::2])}
 
 
+def live_endpoints():
+    """Endpoints on free loopback ports, their flags, and a SUB already bound to the telemetry one."""
+    import zmq
+    ep = endpoints(free_port_base())
+    flags = [x for k, v in ep.items() for x in (f"--{k}", v)]
+    tel = zmq.Context.instance().socket(zmq.SUB)
+    tel.setsockopt(zmq.SUBSCRIBE, b"")
+    tel.bind(ep["telemetry"])
+    return ep, flags, tel
+
+
 def wait_for_metric(tel, key: str, target: float, timeout: float) -> dict:
     """Read telemetry until ``key`` >= ``target``; returns that report's metrics."""
     from apex_zmq.wire import decode_telemetry
@@ -77,10 +88,14 @@ def producer(env: str, endpoint: str, pool_chunks: int, fill: int, rate: float,
 
     A pool of ``pool_chunks`` real chunks is encoded once and resent.
     """
+    feed(endpoint, real_chunks(env, pool_chunks), fill, rate, throttle, stop, out)
+
+
+def feed(endpoint: str, chunks: list, fill: int, rate: float, throttle, stop, out) -> None:
+    """``producer`` on pre-made chunks (encoded once and resent)."""
     import zmq
 
     from apex_zmq.wire import encode
-    chunks = real_chunks(env, pool_chunks)
     n_per = [len(c.action) for c in chunks]
     pool = [encode(c) for c in chunks]
     push = zmq.Context.instance().socket(zmq.PUSH)
@@ -102,4 +117,30 @@ def producer(env: str, endpoint: str, pool_chunks: int, fill: int, rate: float,
         if ahead > 0:
             stop.wait(ahead)  # paced, not a busy wait
     out.put(("producer_rate", steady / (time.monotonic() - t0)))
-    push.close()
+    push.close(0)
+
+
+def publish_weights(endpoint: str, env_id: str, hidden: int, period: float, stop) -> None:
+    """Act as the learner's weights publisher: a changed network as a new version every ``period`` s
+    (actors adopt each one, as in a run)."""
+    import torch
+    import zmq
+
+    from apex_zmq.envs import env_spec
+    from apex_zmq.networks import build_network, state_arrays
+    from apex_zmq.wire import Weights, encode
+    net = build_network(env_spec(env_id), hidden)
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.bind(endpoint)
+    try:
+        version = 0
+        while not stop.wait(period):
+            version += 1
+            with torch.no_grad():  # changed weights, as after learner steps
+                for p in net.parameters():
+                    p.mul_(1.01)
+            names, arrays = state_arrays(net)
+            pub.send_multipart(encode(Weights(sender="learner", seq=version, version=version,
+                                              names=names, arrays=arrays)))
+    finally:
+        pub.close(linger=0)

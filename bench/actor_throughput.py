@@ -28,21 +28,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from apex_zmq.config import loopback_endpoints  # noqa: E402
-from apex_zmq.envs import env_spec, make_vector_env  # noqa: E402
+from apex_zmq.envs import make_vector_env  # noqa: E402
 from apex_zmq import cpu  # noqa: E402
-from apex_zmq.networks import build_network, choose_acting, int8_engine, state_arrays  # noqa: E402
-from apex_zmq.wire import Weights, decode_experience, decode_telemetry, encode  # noqa: E402
+from apex_zmq.networks import choose_acting, int8_engine  # noqa: E402
+from apex_zmq.wire import decode_experience, decode_telemetry  # noqa: E402
 from conftest import endpoint_flags, free_port_base  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from _common import print_machine  # noqa: E402
+from _common import print_machine, publish_weights  # noqa: E402
 
 
 def bare_env_rate(env_id: str, envs: int, threads: int, seconds: float) -> float:
@@ -62,25 +61,6 @@ def bare_env_rate(env_id: str, envs: int, threads: int, seconds: float) -> float
         env.close()
 
 
-def publish_weights(endpoint: str, env_id: str, period: float, stop: threading.Event) -> None:
-    """Act as the learner's weights publisher: a new version of the network every ``period`` s."""
-    net = build_network(env_spec(env_id), 512)
-    pub = zmq.Context.instance().socket(zmq.PUB)
-    pub.bind(endpoint)
-    try:
-        version = 0
-        while not stop.wait(period):
-            version += 1
-            with torch.no_grad():  # changed weights, as after learner steps
-                for p in net.parameters():
-                    p.mul_(1.01)
-            names, arrays = state_arrays(net)
-            pub.send_multipart(encode(Weights(sender="learner", seq=version, version=version,
-                                              names=names, arrays=arrays)))
-    finally:
-        pub.close(linger=0)
-
-
 def actor_rate(env_id: str, envs: int, groups: int, env_threads: int, torch_threads: int,
                seconds: float, warmup: float, weights_period: float, acting_dtype: str) -> tuple[float, dict]:
     """Agent steps/s of the real actor process, counted as transitions arriving at a PULL socket,
@@ -96,7 +76,7 @@ def actor_rate(env_id: str, envs: int, groups: int, env_threads: int, torch_thre
     adopted = 0
     report_metrics: dict = {}
     stop = threading.Event()
-    learner = threading.Thread(target=publish_weights, args=(eps["weights"], env_id, weights_period, stop))
+    learner = threading.Thread(target=publish_weights, args=(eps["weights"], env_id, 512, weights_period, stop))
     learner.start()
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(

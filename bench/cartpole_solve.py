@@ -45,7 +45,6 @@ import collections
 import csv
 import io
 import json
-import math
 import os
 import signal
 import statistics

@@ -38,7 +38,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, endpoints, free_port_base, wait_for_metric  # noqa: E402
+from _common import ROOT, feed, live_endpoints, wait_for_metric  # noqa: E402
 
 ENV = "ALE/Pong-v5"
 VARIANTS = ("fp32", "bf16", "fp32_graph", "bf16_graph", "bf16_compile", "bf16_compile_max", "bf16_compile_ro")
@@ -322,45 +322,10 @@ def make_chunks(env: str, count: int, envs: int) -> list:
     return chunks
 
 
-def feed(endpoint: str, chunks: list, fill: int, rate: float, throttle, stop, out) -> None:
-    """A process body (``_common.producer`` on pre-made chunks): push ``fill`` transitions as fast as
-    possible, then ``rate`` transitions/s once ``throttle`` is set, until ``stop``."""
-    import zmq
-
-    from apex_zmq.wire import encode
-    n_per = [len(c.action) for c in chunks]
-    pool = [encode(c) for c in chunks]
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDHWM, 64)
-    push.connect(endpoint)
-    sent, i = 0, 0
-    while sent < fill and not stop.is_set():
-        push.send_multipart(pool[i % len(pool)], copy=False)
-        sent += n_per[i % len(pool)]
-        i += 1
-    throttle.wait()
-    t0, steady = time.monotonic(), 0
-    while not stop.is_set():
-        push.send_multipart(pool[i % len(pool)], copy=False)
-        steady += n_per[i % len(pool)]
-        i += 1
-        ahead = t0 + steady / rate - time.monotonic()
-        if ahead > 0:
-            stop.wait(ahead)
-    out.put(("producer_rate", steady / (time.monotonic() - t0)))
-    push.close(0)
-
-
 def in_system(args, chunks: list, loaders: int, threads: int) -> dict:
     """Median learner steps/s (and other telemetry) of the learner program in a live system."""
-    import zmq
-
     from apex_zmq.wire import decode_telemetry
-    ep = endpoints(free_port_base())
-    flags = [x for k, v in ep.items() for x in (f"--{k}", v)]
-    tel = zmq.Context.instance().socket(zmq.SUB)
-    tel.setsockopt(zmq.SUBSCRIBE, b"")
-    tel.bind(ep["telemetry"])
+    ep, flags, tel = live_endpoints()
     spawn = mp.get_context("spawn")
     throttle, stop, out = spawn.Event(), spawn.Event(), spawn.Queue()
     procs: list = []

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, endpoints, free_port_base, print_machine, producer, real_chunks, wait_for_metric  # noqa: E402
+from _common import ROOT, live_endpoints, print_machine, producer, real_chunks, wait_for_metric  # noqa: E402
 
 # --net: (env, default batch, description)
 NETS = {"cnn": ("ALE/Pong-v5", 32, "Nature dueling CNN (Pong)"),
@@ -44,14 +44,8 @@ NETS = {"cnn": ("ALE/Pong-v5", 32, "Nature dueling CNN (Pong)"),
 
 def in_system(env: str, batch: int, threads: int, fill: int, rate: float, seconds: float) -> tuple[float, float]:
     """Median learner steps/s and wait fraction reported by the learner program in a live system."""
-    import zmq
-
     from apex_zmq.wire import decode_telemetry
-    ep = endpoints(free_port_base())
-    flags = [x for k, v in ep.items() for x in (f"--{k}", v)]
-    tel = zmq.Context.instance().socket(zmq.SUB)
-    tel.setsockopt(zmq.SUBSCRIBE, b"")
-    tel.bind(ep["telemetry"])
+    ep, flags, tel = live_endpoints()
     spawn = mp.get_context("spawn")
     throttle, stop, out = spawn.Event(), spawn.Event(), spawn.Queue()
     procs: list = []

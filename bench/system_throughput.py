@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, endpoints, free_port_base, print_machine, real_chunks  # noqa: E402
+from _common import live_endpoints, ROOT, endpoints, free_port_base, print_machine, publish_weights, real_chunks  # noqa: E402
 from procstat import TICK, thread_ticks  # noqa: E402  (tests/ is on the path through _common)
 
 BUSY = 0.1  # a thread using more than a tenth of a core counts as busy (as tests/test_budget_live.py)
@@ -251,31 +251,6 @@ def _cuda() -> bool:
 
 # --------------------------------------------------------------------------- actor alone
 
-def publish_weights(endpoint: str, env_id: str, hidden: int, period: float, stop: threading.Event) -> None:
-    """The learner's weights publisher: a changed network as a new version every ``period`` s."""
-    import torch
-    import zmq
-
-    from apex_zmq.envs import env_spec
-    from apex_zmq.networks import build_network, state_arrays
-    from apex_zmq.wire import Weights, encode
-    net = build_network(env_spec(env_id), hidden)
-    pub = zmq.Context.instance().socket(zmq.PUB)
-    pub.bind(endpoint)
-    try:
-        version = 0
-        while not stop.wait(period):
-            version += 1
-            with torch.no_grad():
-                for p in net.parameters():
-                    p.mul_(1.01)
-            names, arrays = state_arrays(net)
-            pub.send_multipart(encode(Weights(sender="learner", seq=version, version=version,
-                                              names=names, arrays=arrays)))
-    finally:
-        pub.close(linger=0)
-
-
 def actor_alone(config_path: Path, cfg, threads: int, seconds: float, warmup: float, tmp: Path) -> tuple[float, dict, int]:
     """Transitions/s of the real actor program alone (counted at a PULL socket), its CPU over the
     counting window, and the weights version it acted with at the end."""
@@ -456,14 +431,8 @@ def consumer(samples: str, priorities: str, start, stop, out) -> None:
 
 def replay_alone(config_path: Path, cfg, threads: int, chunks: list, seconds: float, tmp: Path) -> dict:
     """The real replay server with one full-speed pusher and one as-fast-as-it-can consumer."""
-    import zmq
-
     from apex_zmq.wire import decode_telemetry
-    ep = endpoints(free_port_base())
-    flags = [x for k, v in ep.items() for x in (f"--{k}", v)]
-    tel = zmq.Context.instance().socket(zmq.SUB)
-    tel.setsockopt(zmq.SUBSCRIBE, b"")
-    tel.bind(ep["telemetry"])
+    ep, flags, tel = live_endpoints()
     spawn = mp.get_context("spawn")
     start, stop, out = spawn.Event(), spawn.Event(), spawn.Queue()
     server = subprocess.Popen([sys.executable, "-m", "apex_zmq.replay_server", "--config", str(config_path),
@@ -587,8 +556,8 @@ def main() -> None:
                  ru["replay_server"]["cores"]),
                 ("evaluator (between evaluations)", None, None, "evaluator", "evaluator", None)]
         print()
-        print(f"| role | rate in system | rate alone | ratio | CPU in system (cores) | CPU budget (cores) "
-              f"| CPU alone (cores) |")
+        print("| role | rate in system | rate alone | ratio | CPU in system (cores) | CPU budget (cores) "
+              "| CPU alone (cores) |")
         print("|---|---|---|---|---|---|---|")
         def fmt(x: float | None) -> str:
             return "—" if x is None else f"{x:.3f}" if x < 0.1 else f"{x:.2f}" if x < 10 else f"{x:.0f}"

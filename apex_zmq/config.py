@@ -331,6 +331,9 @@ def validate(cfg: Any) -> None:
         # Same endpoint both ways: the relay would bind the learner's port or subscribe to itself.
         need(cfg.relay_weights != cfg.weights, "relay_weights",
              f"must differ from --weights (the learner's endpoint), both are {cfg.weights}")
+    if isinstance(cfg, LearnerConfig):
+        need(cfg.loader_threads >= 1, "loader_threads", f"must be >= 1 (they receive the batches), got {cfg.loader_threads}")
+        need(cfg.torch_threads >= 1, "torch_threads", f"must be >= 1, got {cfg.torch_threads}")
     if isinstance(cfg, EvaluatorConfig):
         need(cfg.eval_episodes >= 1, "eval_episodes", f"must be >= 1, got {cfg.eval_episodes}")
         need(cfg.eval_max_frames >= 0, "eval_max_frames", f"must be >= 0, got {cfg.eval_max_frames}")

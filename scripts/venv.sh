@@ -9,6 +9,12 @@ ensure_venv() {
   hash="$(cat "${files[@]}" | sha256sum | cut -c1-16)"
   stamp="$VENV/.apex-installed-${hash}"
   [ -f "$stamp" ] && return 0
+  # The test install is a superset of the run install: ./run.sh after ./test.sh installs nothing more.
+  if [ -z "$want_dev" ]; then
+    local dev_hash
+    dev_hash="$(cat "${files[@]}" "$APEX_ROOT/requirements-dev.txt" | sha256sum | cut -c1-16)"
+    [ -f "$VENV/.apex-installed-${dev_hash}" ] && return 0
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     echo "setting up $VENV (first run; torch and the Atari ROMs take a few minutes)..." >&2
     python3 -m venv "$VENV"

@@ -26,7 +26,7 @@ def print_machine() -> None:
     print(machine_line(), flush=True)
 
 
-def real_chunks(env: str, count: int, envs: int = 32) -> list:
+def real_chunks(env: str, count: int, envs: int = 32, acting_dtype: str = "auto") -> list:
     """``count`` real experience chunks from ``env``, made by the actor's own core.
 
     Random Q values stand in for the network (a random policy that still goes through the epsilon
@@ -37,7 +37,8 @@ def real_chunks(env: str, count: int, envs: int = 32) -> list:
     from apex_zmq import config as C
     from apex_zmq.actor import ActorCore
     cfg = C.resolve(C.parse(C.ActorConfig, ["--env", env, "--run-dir", tempfile.gettempdir(),
-                                            "--envs-per-actor", str(envs), "--env-threads", "2"], "actor"))
+                                            "--envs-per-actor", str(envs), "--env-threads", "2",
+                                            "--acting-dtype", acting_dtype], "actor"))
     core = ActorCore(cfg)
     n_actions = core.spec.num_actions
     core.policy = lambda obs: torch.randn(len(obs), n_actions)

@@ -38,7 +38,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, feed, live_endpoints, wait_for_metric  # noqa: E402
+from _common import ROOT, feed, live_endpoints, real_chunks, wait_for_metric  # noqa: E402
 
 ENV = "ALE/Pong-v5"
 VARIANTS = ("fp32", "bf16", "fp32_graph", "bf16_graph", "bf16_compile", "bf16_compile_max", "bf16_compile_ro")
@@ -298,30 +298,6 @@ def launcher_threads(num_actors: int, device: str) -> tuple[int, int]:
     return cfg.loader_threads, budget.torch_threads
 
 
-def make_chunks(env: str, count: int, envs: int) -> list:
-    """``count`` real experience chunks (as ``_common.real_chunks``: the actor's own core, random Q
-    values), with ``envs`` environments and a float32 acting copy (no int8 set-up to wait for)."""
-    import torch
-
-    from apex_zmq import config as C
-    from apex_zmq.actor import ActorCore
-    cfg = C.resolve(C.parse(C.ActorConfig, ["--env", env, "--run-dir", tempfile.gettempdir(),
-                                            "--envs-per-actor", str(envs), "--env-threads", "2",
-                                            "--acting-dtype", "float32"], "actor"))
-    core = ActorCore(cfg)
-    n_actions = core.spec.num_actions
-    core.policy = lambda obs: torch.randn(len(obs), n_actions)
-    chunks: list = []
-    try:
-        while len(chunks) < count:
-            c = core.step()
-            if c is not None:
-                chunks.append(c)
-    finally:
-        core.close()
-    return chunks
-
-
 def in_system(args, chunks: list, loaders: int, threads: int) -> dict:
     """Median learner steps/s (and other telemetry) of the learner program in a live system."""
     from apex_zmq.wire import decode_telemetry
@@ -439,7 +415,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     write_json(args.out, out)
     try:
         t = time.monotonic()
-        chunks = make_chunks(ENV, args.pool, args.envs)
+        chunks = real_chunks(ENV, args.pool, args.envs, acting_dtype="float32")  # no int8 set-up to wait for
         out["chunks"] = {"count": len(chunks), "transitions": sum(len(c.action) for c in chunks),
                          "envs": args.envs, "seconds": time.monotonic() - t}
         print(f"pipeline: {len(chunks)} real chunks ({out['chunks']['transitions']} transitions) in "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -35,3 +36,25 @@ def load(path: str | Path) -> dict:
 def last_path(run_dir: str | Path) -> Path:
     """Where the learner keeps its latest checkpoint."""
     return Path(run_dir) / "checkpoints" / "last.pt"
+
+
+def best_path(run_dir: str | Path) -> Path:
+    """Where the evaluator keeps the best network of a run (beside the learner's ``last.pt``)."""
+    return last_path(run_dir).with_name("best.pt")
+
+
+def best_score(path: str | Path, protocol: str) -> float:
+    """The score of an existing ``best.pt`` under ``protocol``; -inf if there is none to beat.
+
+    A best from another protocol is not comparable, so it does not count (it will be replaced).
+    """
+    path = Path(path)
+    if not path.exists():
+        return -math.inf
+    try:
+        state = load(path)
+    except Exception:  # a damaged file is replaced by the next evaluation, not a crash
+        return -math.inf
+    if not isinstance(state, dict) or state.get("protocol") != protocol:
+        return -math.inf
+    return float(state.get("score", -math.inf))

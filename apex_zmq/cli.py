@@ -7,12 +7,12 @@ import sys
 
 COMMANDS = {
     "run": ("apex_zmq.launch", "all roles on this machine, supervised (what ./run.sh runs)"),
-    "actor": ("apex_zmq.actor", "one actor process"),
-    "replay_server": ("apex_zmq.replay_server", "the replay server"),
-    "learner": ("apex_zmq.learner", "the learner"),
-    "evaluator": ("apex_zmq.evaluator", "the evaluator"),
+    "actor": ("actor.main", "one actor process"),
+    "replay_server": ("replay_server.main", "the replay server"),
+    "learner": ("learner.main", "the learner"),
+    "evaluator": ("evaluator.main", "the evaluator"),
     "relay": ("apex_zmq.relay", "per-host weights relay: one learner subscription for all of a host's actors"),
-    "play": ("apex_zmq.play", "evaluate a checkpoint over N seeded episodes (stats, CSV, video)"),
+    "play": ("evaluator.play", "evaluate a checkpoint over N seeded episodes (stats, CSV, video)"),
     "keys": ("apex_zmq.keys", "create the CURVE keys of a deployment (then pass --keys DIR to every role)"),
 }
 ALIASES = {"replay": "replay_server", "replay-server": "replay_server"}

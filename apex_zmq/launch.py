@@ -16,8 +16,16 @@ from typing import IO, Callable
 
 from . import config as C
 
-ROLE_MODULES = {"replay_server": "apex_zmq.replay_server", "learner": "apex_zmq.learner",
-                "actor": "apex_zmq.actor", "evaluator": "apex_zmq.evaluator"}
+# Each role is a top-level package run as ``python -m <package>``; the relay is part of the shared library.
+ROLE_MODULES = {"replay_server": "replay_server", "learner": "learner", "actor": "actor",
+                "evaluator": "evaluator", "relay": "apex_zmq.relay"}
+
+
+def role_module(role: str) -> str:
+    """The module ``python -m`` runs for ``role``."""
+    if role not in ROLE_MODULES:
+        raise ValueError(f"unknown role {role!r}; expected one of {list(ROLE_MODULES)}")
+    return ROLE_MODULES[role]
 
 
 @dataclass

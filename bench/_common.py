@@ -34,8 +34,8 @@ def real_chunks(env: str, count: int, envs: int = 32, acting_dtype: str = "auto"
     """
     import torch
 
+    from actor.main import ActorCore
     from apex_zmq import config as C
-    from apex_zmq.actor import ActorCore
     cfg = C.resolve(C.parse(C.ActorConfig, ["--env", env, "--run-dir", tempfile.gettempdir(),
                                             "--envs-per-actor", str(envs), "--env-threads", "2",
                                             "--acting-dtype", acting_dtype], "actor"))

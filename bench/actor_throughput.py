@@ -1,6 +1,6 @@
 """Agent steps/s of one real actor process on Atari, next to bare ``AtariVectorEnv`` stepping.
 
-The actor is the real program (``python -m apex_zmq.actor``): K envs in ``--groups`` ale-py native
+The actor is the real program (``python -m actor.main``): K envs in ``--groups`` ale-py native
 vector envs of ``--env-threads`` threads each (one group steps while the network acts on the other),
 the Nature dueling CNN (acting copy in bf16 where the CPU has it) run on each group's batch with
 ``--torch-threads`` threads, n-step returns and initial priorities, lz4 compression, encoding and
@@ -33,12 +33,13 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from conftest import endpoint_flags, free_port_base  # noqa: E402
+
+from apex_zmq import cpu  # noqa: E402
 from apex_zmq.config import loopback_endpoints  # noqa: E402
 from apex_zmq.envs import make_vector_env  # noqa: E402
-from apex_zmq import cpu  # noqa: E402
 from apex_zmq.networks import choose_acting, int8_engine  # noqa: E402
 from apex_zmq.wire import decode_experience, decode_telemetry  # noqa: E402
-from conftest import endpoint_flags, free_port_base  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from _common import print_machine, publish_weights  # noqa: E402
@@ -80,7 +81,7 @@ def actor_rate(env_id: str, envs: int, groups: int, env_threads: int, torch_thre
     learner.start()
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "apex_zmq.actor", "--env", env_id, "--run-dir", tmp,
+            [sys.executable, "-m", "actor.main", "--env", env_id, "--run-dir", tmp,
              *endpoint_flags(base), "--envs-per-actor", str(envs), "--env-threads", str(env_threads),
              "--env-groups", str(groups), "--torch-threads", str(torch_threads), "--num-actors", "1",
              "--acting-dtype", acting_dtype],

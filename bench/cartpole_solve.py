@@ -5,7 +5,7 @@ each (alternating, ours first, so a change in the machine's load touches both):
 
 - the clock starts when the run's process is launched (Python start-up and imports count);
 - every second of wall time the current greedy network plays 10 episodes side by side
-  (``apex_zmq.protocols.evaluate_policy``, epsilon 0, CartPole-v1's own 500-step cap);
+  (``evaluator.protocols.evaluate_policy``, epsilon 0, CartPole-v1's own 500-step cap);
 - a run is solved at the end of the first such evaluation whose mean reaches ``--target`` (475),
   **confirmed** by a 100-episode greedy evaluation of that same network (CartPole-v1's threshold is a
   100-episode mean of 475) on other seeds. An unconfirmed hit does not count: the run goes on to the
@@ -75,7 +75,7 @@ ZOO_TIMESTEPS = 50_000
 
 def greedy_eval(net, episodes: int, seed: int) -> float:
     """Mean return of ``episodes`` greedy episodes side by side (the evaluator's own function)."""
-    from apex_zmq.protocols import evaluate_policy, protocol_for
+    from evaluator.protocols import evaluate_policy, protocol_for
     return float(evaluate_policy(net, ENV, episodes, 0.0, seed, protocol_for(ENV, "classic")).mean)
 
 

@@ -15,7 +15,7 @@ is guarded: a failure is recorded in its entry and the next one runs; the JSON i
 variant (an entry left ``running`` was cut off by the step's timeout).
 
 ``pipeline``: the learner program in a live system (replay server process, a producer process
-inserting real Pong transitions, ``python -m apex_zmq.learner --device D`` with the launcher's loader
+inserting real Pong transitions, ``python -m learner.main --device D`` with the launcher's loader
 and torch threads), its steps/s (median of its per-second telemetry) against the same step standalone
 (``LearnerCore``'s network, amp and channels-last on one real sampled batch) = efficiency.
 ``bench/learner_pipeline.py`` measures the same on CPU only (no ``--device`` flag), hence this one.
@@ -94,7 +94,7 @@ def random_batch(spec, batch: int, device, channels_last: bool, seed: int):
     import numpy as np
     import torch
 
-    from apex_zmq.dqn import Batch
+    from learner.dqn import Batch
     g = torch.Generator().manual_seed(seed)
     obs = torch.randint(0, 256, (batch, *spec.obs_shape), dtype=torch.uint8, generator=g)
     nxt = torch.randint(0, 256, (batch, *spec.obs_shape), dtype=torch.uint8, generator=g)
@@ -112,8 +112,8 @@ def make_learner(spec, cfg, device, amp: bool, channels_last: bool):
     """The network and DQNLearner as ``LearnerCore`` builds them."""
     import torch
 
-    from apex_zmq.dqn import DQNLearner
     from apex_zmq.networks import build_network
+    from learner.dqn import DQNLearner
     net = build_network(spec, cfg.hidden).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -127,7 +127,7 @@ def graphed(learner, static, amp: bool):
     import torch.nn.functional as F
     from torch import nn
 
-    from apex_zmq.dqn import double_dqn_td
+    from learner.dqn import double_dqn_td
     net, target = learner.net, learner.target
     group = learner.opt.param_groups[0]
     if isinstance(learner.opt, torch.optim.Adam):
@@ -218,7 +218,7 @@ def cmd_standalone(args: argparse.Namespace) -> int:
     import torch
 
     from apex_zmq.envs import env_spec
-    from apex_zmq.learner import pick_device
+    from learner.main import pick_device
     started = time.monotonic()
     deadline = started + args.budget
     try:
@@ -315,7 +315,7 @@ def in_system(args, chunks: list, loaders: int, threads: int) -> dict:
         f = open(logs / f"pipeline_{role}.log", "wb") if logs else None
         env = {**os.environ, **{v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                           "OPENBLAS_NUM_THREADS")}}
-        return subprocess.Popen([sys.executable, "-m", f"apex_zmq.{role}", *common, *extra,
+        return subprocess.Popen([sys.executable, "-m", role_module(role), *common, *extra,
                                  "--torch-threads", str(threads)], cwd=ROOT, env=env,
                                 stdout=f, stderr=subprocess.STDOUT if f else None)
 
@@ -374,9 +374,9 @@ def standalone_real(args, chunks: list, threads: int) -> dict:
     import torch
 
     from apex_zmq import config as C
-    from apex_zmq.dqn import batch_from_sample
-    from apex_zmq.learner import LearnerCore
-    from apex_zmq.replay import PrioritizedReplay
+    from learner.dqn import batch_from_sample
+    from learner.main import LearnerCore
+    from replay_server.replay import PrioritizedReplay
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = C.parse(C.LearnerConfig, ["--env", ENV, "--run-dir", tmp, "--device", args.device,
@@ -395,7 +395,7 @@ def standalone_real(args, chunks: list, threads: int) -> dict:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from apex_zmq.learner import pick_device
+    from learner.main import pick_device
     try:
         pick_device(args.device)  # --device cuda without CUDA: stop here, not after the fill
     except SystemExit as e:

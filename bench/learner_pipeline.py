@@ -2,7 +2,7 @@
 
 System: a real replay server process holding real Pong transitions (a producer process keeps
 inserting at ``--insert-rate`` transitions/s, like a few actors) and the real learner program
-(``python -m apex_zmq.learner``: samples over ZeroMQ, loader threads that decode, decompress and
+(``python -m learner.main``: samples over ZeroMQ, loader threads that decode, decompress and
 stack, the double-DQN step, priorities back, weight snapshots). Its steps/s is read from its own
 telemetry (median of the per-second reports over ``--seconds``, after a warm-up).
 
@@ -53,14 +53,14 @@ def in_system(env: str, batch: int, threads: int, fill: int, rate: float, second
         common = ["--env", env, "--run-dir", tmp, *flags]  # the replay server sets the batch size
         try:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "apex_zmq.replay_server", *common, "--batch-size", str(batch), "--capacity", str(fill),
+                [sys.executable, "-m", "replay_server.main", *common, "--batch-size", str(batch), "--capacity", str(fill),
                  "--min-size", str(fill)], cwd=ROOT))
             prod = spawn.Process(target=producer, args=(env, ep["experience"], 40, fill, rate, throttle, stop, out))
             prod.start()
             wait_for_metric(tel, "replay/size", fill, timeout=300)
             throttle.set()
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "apex_zmq.learner", *common, "--torch-threads", str(threads),
+                [sys.executable, "-m", "learner.main", *common, "--torch-threads", str(threads),
                  "--device", "cpu", "--checkpoint-period", "1e9"], cwd=ROOT))
             wait_for_metric(tel, "learner/steps", 20, timeout=300)  # warm-up
             rates, waits = [], []
@@ -85,10 +85,10 @@ def standalone(env: str, batch: int, threads: int, seconds: float) -> float:
     import torch
 
     from apex_zmq import config as C
-    from apex_zmq.dqn import DQNLearner, batch_from_sample
     from apex_zmq.envs import env_spec
     from apex_zmq.networks import build_network
-    from apex_zmq.replay import PrioritizedReplay
+    from learner.dqn import DQNLearner, batch_from_sample
+    from replay_server.replay import PrioritizedReplay
     torch.set_num_threads(threads)
     cfg = C.resolve(C.parse(C.LearnerConfig, ["--env", env], "learner"))
     spec = env_spec(env)

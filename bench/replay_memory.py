@@ -1,6 +1,6 @@
 """Resident memory of the replay server process per stored Atari transition.
 
-For each game, a real replay server process (``python -m apex_zmq.replay_server``) is filled to
+For each game, a real replay server process (``python -m replay_server.main``) is filled to
 ``--transitions`` (its capacity) with real frames: this benchmark runs the actor's own core
 (``ActorCore``: ale-py ``AtariVectorEnv``, epsilon ladder, n-step chunks, lz4) with random Q values
 in place of the network, and pushes the chunks over ZeroMQ. The per-transition figure is
@@ -30,10 +30,11 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from apex_zmq import config as C  # noqa: E402
-from apex_zmq.actor import ActorCore  # noqa: E402
-from apex_zmq.wire import decode_telemetry, encode  # noqa: E402
 from conftest import endpoint_flags, free_port_base  # noqa: E402
+
+from actor.main import ActorCore  # noqa: E402
+from apex_zmq import config as C  # noqa: E402
+from apex_zmq.wire import decode_telemetry, encode  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from _common import print_machine  # noqa: E402
@@ -57,7 +58,7 @@ class Server:
         self.tel.setsockopt(zmq.SUBSCRIBE, b"")
         self.tel.bind(f"tcp://127.0.0.1:{self.base + 4}")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "apex_zmq.replay_server", "--env", env, "--run-dir", tmp,
+            [sys.executable, "-m", "replay_server.main", "--env", env, "--run-dir", tmp,
              *endpoint_flags(self.base), "--capacity", str(capacity), "--min-size", str(capacity), "--batch-size", "1",
              "--telemetry-period", "0.5"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

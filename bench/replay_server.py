@@ -1,13 +1,13 @@
 """Replay server throughput over ZeroMQ with 1M Atari transitions, next to cpprb in-process.
 
-Three processes, all real: the replay server (``python -m apex_zmq.replay_server``, capacity
+Three processes, all real: the replay server (``python -m replay_server.main``, capacity
 ``--size``), a producer that fills it with real Pong chunks (made by the actor's own core with random
 Q values; a pool of encoded chunks is resent) and then keeps pushing at ``--insert-rate``
 transitions/s, and a consumer that receives batches of ``--batch`` (strict decode) and returns a
 priority update for every batch. Batches/s is counted at the consumer over ``--seconds``, twice on the
 same filled server: first as the server delivers them (lz4-compressed frame tables, decoded but not
 decompressed), then with the consumer also decompressing and stacking each batch into obs / next-obs
-tensors as the learner's loader does (``apex_zmq.dqn.batch_from_sample``, one thread, 1 torch thread),
+tensors as the learner's loader does (``learner.dqn.batch_from_sample``, one thread, 1 torch thread),
 which is the form cpprb hands over.
 
 The reference is cpprb's ``PrioritizedReplayBuffer`` holding the same number of transitions of the
@@ -48,9 +48,9 @@ def consumer(samples: str, priorities: str, start: mp.Event, stacked: mp.Event, 
     import torch
     import zmq
 
-    from apex_zmq.dqn import batch_from_sample
     from apex_zmq.envs import env_spec
     from apex_zmq.wire import PriorityUpdate, decode_sample, encode
+    from learner.dqn import batch_from_sample
     torch.set_num_threads(1)  # a loader thread's budget (the launcher gives each role 1 torch thread here)
     spec = env_spec(ENV)
     cpu_dev = torch.device("cpu")
@@ -100,7 +100,7 @@ def run_system(size: int, batch: int, rate: float, seconds: float) -> tuple[floa
     throttle, start, stacked, stop, out = spawn.Event(), spawn.Event(), spawn.Event(), spawn.Event(), spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
-            [sys.executable, "-m", "apex_zmq.replay_server", "--env", ENV, "--run-dir", tmp, *flags,
+            [sys.executable, "-m", "replay_server.main", "--env", ENV, "--run-dir", tmp, *flags,
              "--capacity", str(size), "--min-size", str(size), "--batch-size", str(batch),
              "--telemetry-period", "1"], cwd=ROOT)
         prod = spawn.Process(target=producer, args=(ENV, ep["experience"], 40, size, rate, throttle, stop, out))

@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import live_endpoints, ROOT, endpoints, free_port_base, print_machine, publish_weights, real_chunks  # noqa: E402
+from _common import ROOT, endpoints, free_port_base, live_endpoints, print_machine, publish_weights, real_chunks  # noqa: E402
 from procstat import TICK, thread_ticks  # noqa: E402  (tests/ is on the path through _common)
 
 BUSY = 0.1  # a thread using more than a tenth of a core counts as busy (as tests/test_budget_live.py)
@@ -268,7 +268,7 @@ def actor_alone(config_path: Path, cfg, threads: int, seconds: float, warmup: fl
     pub = threading.Thread(target=publish_weights, args=(ep["weights"], cfg.env, cfg.hidden, cfg.weights_period, stop))
     pub.start()
     flags = [x for k, v in ep.items() for x in (f"--{k}", v)]
-    proc = subprocess.Popen([sys.executable, "-m", "apex_zmq.actor", "--config", str(config_path),
+    proc = subprocess.Popen([sys.executable, "-m", "actor.main", "--config", str(config_path),
                              "--run-dir", str(tmp / "actor_alone"), *flags, "--actor-index", "0",
                              "--torch-threads", str(threads)],
                             cwd=ROOT, env=floor_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -319,9 +319,9 @@ def learner_alone_proc(config_path: str, run_dir: str, threads: int, batch_size:
     import torch
 
     from apex_zmq import config as C
-    from apex_zmq.dqn import batch_from_sample
-    from apex_zmq.learner import LearnerCore
-    from apex_zmq.replay import PrioritizedReplay
+    from learner.dqn import batch_from_sample
+    from learner.main import LearnerCore
+    from replay_server.replay import PrioritizedReplay
     torch.set_num_threads(threads)
     cfg = C.parse(C.LearnerConfig, ["--config", config_path, "--run-dir", run_dir,
                                     "--torch-threads", str(threads)], "learner")
@@ -435,7 +435,7 @@ def replay_alone(config_path: Path, cfg, threads: int, chunks: list, seconds: fl
     ep, flags, tel = live_endpoints()
     spawn = mp.get_context("spawn")
     start, stop, out = spawn.Event(), spawn.Event(), spawn.Queue()
-    server = subprocess.Popen([sys.executable, "-m", "apex_zmq.replay_server", "--config", str(config_path),
+    server = subprocess.Popen([sys.executable, "-m", "replay_server.main", "--config", str(config_path),
                                "--run-dir", str(tmp / "replay_alone"), *flags, "--torch-threads", str(threads),
                                "--telemetry-period", "1"],
                               cwd=ROOT, env=floor_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -47,8 +47,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, free_port_base, print_machine  # noqa: E402
 
-LEARNER_HWM = 4  # the learner's weights PUB (apex_zmq/learner.py)
-ACTOR_HWM = 2    # an actor's weights SUB (apex_zmq/actor.py)
+LEARNER_HWM = 4  # the learner's weights PUB (learner/main.py)
+ACTOR_HWM = 2    # an actor's weights SUB (actor/main.py)
 ACK_TIMEOUT_S = 60.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

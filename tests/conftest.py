@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from apex_zmq.launch import role_module
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,10 +48,10 @@ def endpoint_flags(base: int) -> list[str]:
 
 
 def start_role(role: str, args: list[str], log: Path) -> subprocess.Popen:
-    """Start ``python -m apex_zmq.<role> args`` with output to ``log``."""
+    """Start ``python -m <role> args`` (apex_zmq.launch.role_module) with output to ``log``."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     f = open(log, "wb")
-    return subprocess.Popen([sys.executable, "-m", f"apex_zmq.{role}", *args], stdout=f,
+    return subprocess.Popen([sys.executable, "-m", role_module(role), *args], stdout=f,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
 
 

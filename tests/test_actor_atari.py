@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from actor.main import ActorCore
 from apex_zmq import config as C
-from apex_zmq.actor import ActorCore
+from apex_zmq import cpu
 from apex_zmq.envs import make_vector_env
 from apex_zmq.networks import choose_acting, int8_engine, make_acting_network
-from apex_zmq import cpu
 from apex_zmq.wire import decompress_frames
 
 GAME = "ALE/Breakout-v5"  # 5 lives; random play loses one every ~25 steps

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from apex_zmq.actor import newer_weights
+from actor.main import newer_weights
 from apex_zmq.exploration import actor_seed
 
 A, B = 0x1111_2222_3333, 0x4444_5555_6666  # two learner incarnations
@@ -107,7 +107,7 @@ def test_actor_seed_is_spread_over_the_range():
 
 
 def test_actor_core_seeds_its_envs_with_actor_seed():
-    from apex_zmq.actor import ActorCore
+    from actor.main import ActorCore
     from apex_zmq.config import ActorConfig
 
     def core(restart: int):

@@ -33,15 +33,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from conftest import endpoint_flags, start_role, stop_all
 
 from apex_zmq import config as C
-from apex_zmq.dashboard.curves import curve_points, learning_curve_html, write_learning_curves
-from apex_zmq.dashboard.server import STATIC_DIR, Dashboard, load_static, route
 from apex_zmq.exploration import actor_epsilons, epsilon_ladder
 from apex_zmq.logger import Logger
-from apex_zmq.monitor import CsvFollower, CsvTail, RunMonitor, Series, thin
 from apex_zmq.wire import Telemetry, encode
-from conftest import endpoint_flags, start_role, stop_all
+from evaluator.dashboard.curves import curve_points, learning_curve_html, write_learning_curves
+from evaluator.dashboard.server import STATIC_DIR, Dashboard, load_static, route
+from evaluator.monitor import CsvFollower, CsvTail, RunMonitor, Series, thin
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

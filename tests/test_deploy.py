@@ -103,7 +103,7 @@ def check_role_command(argv: list[str], hosts: dict[str, str], keys_dir: str,
     if role == "evaluator":
         assert flags["--dashboard-host"] == dashboard_host, argv
         # The dashboard's own rule (a non-loopback page needs --insecure), or the evaluator would exit.
-        from apex_zmq.dashboard.server import check_host
+        from evaluator.dashboard.server import check_host
         check_host(dashboard_host, "--insecure" in flags)
     # --insecure has one legitimate use here: the evaluator's dashboard page (no authentication of
     # its own) on a non-loopback address. With --keys, ZeroMQ stays CURVE either way.
@@ -435,7 +435,7 @@ def test_stack_keys_come_only_from_parameter_store(stack, tmp_path):
             assert key not in text
     # host.py run with each user data's own arguments (but this test's directory and user): the
     # files arrive intact, directories 0700 and files 0600, and the roles' key loader accepts them.
-    from apex_zmq.keys import KeyStore, KeysError
+    from apex_zmq.keys import KeysError, KeyStore
     fetched = {}
     for host in ("learner", "evaluator", "actor"):
         dest = tmp_path / host / "keys"

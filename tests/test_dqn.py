@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from apex_zmq.dqn import Batch, DQNLearner, batch_from_sample, double_dqn_td
 from apex_zmq.wire import SampleBatch, WireError, compress_obs, frame_table
+from learner.dqn import Batch, DQNLearner, batch_from_sample, double_dqn_td
 
 
 class Table(nn.Module):

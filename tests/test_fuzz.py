@@ -42,15 +42,15 @@ import numpy as np
 import pytest
 import torch
 import zmq
+from conftest import endpoint_flags, start_role, stop_all
 
 from apex_zmq import wire
 from apex_zmq.config import ReplayConfig, loopback_endpoints
-from apex_zmq.dqn import batch_from_sample
-from apex_zmq.evaluator import RunMonitor
 from apex_zmq.logger import Logger
-from apex_zmq.replay_server import ReplayService
 from apex_zmq.transport import MAX_MESSAGE_BYTES
-from conftest import endpoint_flags, start_role, stop_all
+from evaluator.main import RunMonitor
+from learner.dqn import batch_from_sample
+from replay_server.main import ReplayService
 
 SEED = 20240611
 OBS_SHAPE, NUM_ACTIONS = (4,), 2  # CartPole-v1
@@ -733,6 +733,7 @@ def test_stalled_receiver_survives_peers_resetting(tmp_path: Path) -> None:
     """
     import subprocess
     import sys
+
     from conftest import ROOT, free_port_base
     port = free_port_base(1)
     p = subprocess.Popen([sys.executable, "-c", _STALLED_RECEIVER, f"tcp://127.0.0.1:{port}"], cwd=ROOT,

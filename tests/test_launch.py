@@ -9,10 +9,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, free_port_base
 
 from apex_zmq import config as C
 from apex_zmq.launch import Role, Supervisor, exit_code, restart_delay, supervise
-from conftest import ROOT, free_port_base
 
 # Tiny stand-ins for roles: real processes, so exit codes and pipes behave as in a run.
 CRASH = [sys.executable, "-c", "import sys; sys.exit(3)"]
@@ -178,7 +178,7 @@ def test_configuration_error_ends_the_run_at_once_showing_the_log(make_sup, caps
 
 
 def _write_checkpoint(run_dir: Path, env: str, hidden: int) -> None:
-    from apex_zmq.learner import LearnerCore
+    from learner.main import LearnerCore
     LearnerCore(C.LearnerConfig(env=env, hidden=hidden, run_dir=str(run_dir), device="cpu")).save()
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from apex_zmq.logger import Logger
-from apex_zmq.monitor import RunMonitor
 from apex_zmq.wire import Telemetry, encode
+from evaluator.monitor import RunMonitor
 
 
 def test_csv_rows_keep_the_header_on_disk_when_a_run_resumes(tmp_path) -> None:

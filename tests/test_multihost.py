@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from conftest import ROOT, stop_all
 
 from apex_zmq.config import DEFAULT_PORTS
-from conftest import ROOT, stop_all
+from apex_zmq.launch import role_module
 
 TARGET = 195.0
 BOUND_S = 300          # evaluator must reach the target this long after the actor starts (~20 s usual)
@@ -183,10 +184,10 @@ class Roles:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, host: Host, role: str, args: list[str]) -> None:
-        """``python -m apex_zmq.<role> args`` on ``host`` (what `apex-zmq <role> args` runs)."""
+        """``python -m <role> args`` on ``host`` (what `apex-zmq <role> args` runs)."""
         with open(self.logs / f"{name}.log", "wb") as f:
             self.procs[name] = subprocess.Popen(
-                host.argv(sys.executable, "-m", f"apex_zmq.{role}", *args), stdout=f,
+                host.argv(sys.executable, "-m", role_module(role), *args), stdout=f,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
@@ -255,7 +256,7 @@ def test_roles_on_separate_network_stacks_train_cartpole_over_curve(hosts: dict[
 
     # A binding role given its host's address, without --keys and without --insecure, refuses.
     refused = subprocess.run(
-        replay.argv(sys.executable, "-m", "apex_zmq.replay_server", *env, "--run-dir",
+        replay.argv(sys.executable, "-m", "replay_server.main", *env, "--run-dir",
                     str(runs["refused"]), *replay_binds, "--telemetry", evaluator.ep("telemetry")),
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     message = refused.stdout + refused.stderr

@@ -9,8 +9,18 @@ import torch
 from apex_zmq import cpu
 from apex_zmq.cpu import CpuCaps
 from apex_zmq.envs import EnvSpec
-from apex_zmq.networks import (ActingChoice, ActingNetwork, Int8ActingNetwork, build_network, choose_acting,
-                               greedy_agreement, int8_engine, load_arrays, make_acting_network, state_arrays)
+from apex_zmq.networks import (
+    ActingChoice,
+    ActingNetwork,
+    Int8ActingNetwork,
+    build_network,
+    choose_acting,
+    greedy_agreement,
+    int8_engine,
+    load_arrays,
+    make_acting_network,
+    state_arrays,
+)
 
 ATARI = EnvSpec("ALE/Pong-v5", (4, 84, 84), "uint8", 6, True)
 VECTOR = EnvSpec("CartPole-v1", (4,), "float32", 2, False)
@@ -218,7 +228,7 @@ def test_cpu_description_names_model_extensions_and_cores() -> None:
 
 def test_heads_stay_float32_under_bf16_autocast() -> None:
     """The torso runs in bf16 under autocast; the heads, Q and the TD error in float32."""
-    from apex_zmq.dqn import Batch, double_dqn_td
+    from learner.dqn import Batch, double_dqn_td
     torch.manual_seed(7)
     net = build_network(ATARI, 512).eval()
     target = build_network(ATARI, 512).eval()

@@ -1,6 +1,6 @@
 """n-step targets and the actor's SegmentBuffer.
 
-Conventions (see apex_zmq/nstep.py): step t is taken at observation t and leads to observation
+Conventions (see actor/nstep.py): step t is taken at observation t and leads to observation
 t+1. Under next-step autoreset, the step that ends an episode (terminated or truncated) returns
 the *final* observation t+1; the following step is a reset step with reward 0 that is marked
 ``valid=False`` and starts no transition. All expected numbers below are worked out by hand with
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apex_zmq.nstep import SegmentBuffer, initial_priorities, nstep_targets
+from actor.nstep import SegmentBuffer, initial_priorities, nstep_targets
 
 F, T_ = False, True
 

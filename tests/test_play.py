@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from apex_zmq import checkpoint
-from apex_zmq.dqn import DQNLearner
+from apex_zmq.checkpoint import best_path, best_score
 from apex_zmq.envs import EnvSpec
 from apex_zmq.networks import build_network
-from apex_zmq.play import best_checkpoint, best_path, best_score, load_checkpoint, main
-from apex_zmq.protocols import PLAIN, evaluate_policy
+from evaluator.play import best_checkpoint, load_checkpoint, main
+from evaluator.protocols import PLAIN, evaluate_policy
+from learner.dqn import DQNLearner
 
 CARTPOLE = EnvSpec("CartPole-v1", (4,), "float32", 2, False)
 PONG = EnvSpec("ALE/Pong-v5", (4, 84, 84), "uint8", 6, True)
@@ -132,7 +133,7 @@ def _frames(path: Path) -> tuple[int, tuple[int, int]]:
 
 @pytest.mark.parametrize("suffix", [".mp4", ".gif"])
 def test_play_atari_records_a_decodable_video(tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture) -> None:
-    from apex_zmq.play import _gif_backend
+    from evaluator.play import _gif_backend
     if suffix == ".gif" and _gif_backend() is None:
         pytest.skip("neither Pillow nor OpenCV >= 4.11 here to write GIFs")
     ckpt = tmp_path / "last.pt"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from apex_zmq import protocols as P
-from apex_zmq.atari_scores import RANDOM_HUMAN, has_hns, human_normalized, median_hns, table_key
 from apex_zmq.envs import EnvSpec
 from apex_zmq.networks import build_network
+from evaluator import protocols as P
+from evaluator.atari_scores import RANDOM_HUMAN, has_hns, human_normalized, median_hns, table_key
 
 PONG = "ALE/Pong-v5"
 PONG_MINIMAL = [0, 1, 3, 4, 11, 12]  # NOOP FIRE RIGHT LEFT RIGHTFIRE LEFTFIRE as ALE action ids

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from conftest import endpoint_flags, start_role, stop_all
 
 from apex_zmq import wire
 from apex_zmq.config import loopback_endpoints
-from apex_zmq.replay import SampleToInsertRatio
-from conftest import endpoint_flags, start_role, stop_all
+from replay_server.replay import SampleToInsertRatio
 
 SPI, TOL, MIN, CHUNK, BATCH = 2.0, 256.0, 200, 50, 32
 

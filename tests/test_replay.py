@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apex_zmq.nstep import SegmentBuffer
-from apex_zmq.replay import PrioritizedReplay, annealed_beta, importance_weights
+from actor.nstep import SegmentBuffer
 from apex_zmq.wire import (
     ExperienceChunk,
     compress_obs,
@@ -21,6 +20,7 @@ from apex_zmq.wire import (
     encode,
     frame_table,
 )
+from replay_server.replay import PrioritizedReplay, annealed_beta, importance_weights
 
 ALPHA = 0.6
 EPS = 1e-6
@@ -363,7 +363,7 @@ def test_sampled_frames_decompress_to_the_actor_observations(shape, dtype):
 
 
 def test_snapshot_round_trip_restores_items_priorities_and_frames(tmp_path) -> None:
-    from apex_zmq.replay import PrioritizedReplay
+    from replay_server.replay import PrioritizedReplay
     rng = np.random.default_rng(5)
     r = PrioritizedReplay(40, alpha=0.6, seed=1)
     for i in range(7):  # 7 x 8 = 56 > capacity: evictions, chunks partly alive
@@ -402,7 +402,7 @@ def test_snapshot_round_trip_restores_items_priorities_and_frames(tmp_path) -> N
 
 
 def test_snapshot_refuses_other_settings(tmp_path) -> None:
-    from apex_zmq.replay import PrioritizedReplay
+    from replay_server.replay import PrioritizedReplay
     r = PrioritizedReplay(16, alpha=0.6)
     path = tmp_path / "s.npz"
     PrioritizedReplay.write_snapshot(r.snapshot(), path)
@@ -547,7 +547,7 @@ def test_removing_an_item_twice_counts_it_once():
 
 def _service(capacity: int = 64, batch_size: int = 16, min_size: int = 8, seed: int = 0):
     from apex_zmq.config import ReplayConfig
-    from apex_zmq.replay_server import ReplayService
+    from replay_server.main import ReplayService
     return ReplayService(ReplayConfig(env="CartPole-v1", capacity=capacity, batch_size=batch_size,
                                       min_size=min_size, seed=seed))
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apex_zmq.sumtree import SumTree
+from replay_server.sumtree import SumTree
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True)
 

@@ -18,7 +18,6 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apex_zmq.replay import PrioritizedReplay
 from apex_zmq.wire import (
     MAX_HEADER_BYTES,
     SCHEMA_VERSION,
@@ -38,6 +37,7 @@ from apex_zmq.wire import (
     encode,
     frame_table,
 )
+from replay_server.replay import PrioritizedReplay
 
 ATARI = (4, 84, 84)
 CARTPOLE = (4,)

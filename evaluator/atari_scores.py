@@ -11,7 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .envs import ale_game, is_atari
+from apex_zmq.envs import ale_game, is_atari
 
 # Random and human scores of the 57 games, keyed by ALE ROM name (what ``envs.ale_game`` returns).
 # Source: the random/human table of Badia et al. 2020, "Agent57: Outperforming the Atari Human

@@ -17,10 +17,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import checkpoint
+from apex_zmq import checkpoint
+from apex_zmq.envs import env_spec, is_atari
+from apex_zmq.networks import build_network
+
 from .atari_scores import median_hns
-from .envs import env_spec, is_atari
-from .networks import build_network
 from .protocols import FPS, FRAME_SKIP, PROTOCOL_NAMES, Evaluation, evaluate_policy, protocol_for
 
 
@@ -29,11 +30,6 @@ class PlayError(Exception):
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-
-def best_path(run_dir: str | Path) -> Path:
-    """Where the evaluator keeps the best network of a run (beside the learner's ``last.pt``)."""
-    return checkpoint.last_path(run_dir).with_name("best.pt")
-
 
 def best_checkpoint(net: torch.nn.Module, env_id: str, hidden: int, steps: int,
                     evaluation: Evaluation) -> dict[str, Any]:
@@ -45,28 +41,11 @@ def best_checkpoint(net: torch.nn.Module, env_id: str, hidden: int, steps: int,
             "hns": math.nan if hns is None else float(hns), "episodes": len(evaluation.returns)}
 
 
-def best_score(path: str | Path, protocol: str) -> float:
-    """The score of an existing ``best.pt`` under ``protocol``; -inf if there is none to beat.
-
-    A best from another protocol is not comparable, so it does not count (it will be replaced).
-    """
-    path = Path(path)
-    if not path.exists():
-        return -math.inf
-    try:
-        state = checkpoint.load(path)
-    except Exception:  # a damaged file is replaced by the next evaluation, not a crash
-        return -math.inf
-    if not isinstance(state, dict) or state.get("protocol") != protocol:
-        return -math.inf
-    return float(state.get("score", -math.inf))
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file: ``path`` itself, or for a run directory its best.pt, else its last.pt."""
     p = Path(path)
     if p.is_dir():
-        for candidate in (best_path(p), checkpoint.last_path(p), p / "best.pt", p / "last.pt"):
+        for candidate in (checkpoint.best_path(p), checkpoint.last_path(p), p / "best.pt", p / "last.pt"):
             if candidate.is_file():
                 return candidate
         raise PlayError(f"{path}: a directory without checkpoints/best.pt or checkpoints/last.pt")

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from .wire import SampleBatch, WireError, decompress_frames_tolerant
+from apex_zmq.wire import SampleBatch, WireError, decompress_frames_tolerant
 
 
 @dataclass

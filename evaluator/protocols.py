@@ -27,9 +27,10 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from apex_zmq.envs import ale_game, is_atari, make_vector_env
+from apex_zmq.exploration import epsilon_greedy
+
 from .atari_scores import has_hns, human_normalized
-from .envs import ale_game, is_atari, make_vector_env
-from .exploration import epsilon_greedy
 
 FPS = 60          # Atari 2600 frames per second
 FRAME_SKIP = 4    # emulator frames per agent step in AtariVectorEnv

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 import zmq
 
-from . import checkpoint
-from . import config as C
+from apex_zmq import checkpoint
+from apex_zmq import config as C
+from apex_zmq.envs import env_spec
+from apex_zmq.networks import build_network, state_arrays
+from apex_zmq.transport import Sockets, get_until, install_stop, put_until, recv_until, run_role, send_until
+from apex_zmq.wire import PriorityUpdate, Telemetry, Weights, WireError, decode_sample, encode, new_incarnation
+
 from .dqn import DQNLearner, batch_from_sample
-from .envs import env_spec
-from .networks import build_network, state_arrays
-from .transport import Sockets, get_until, install_stop, put_until, recv_until, run_role, send_until
-from .wire import PriorityUpdate, Telemetry, Weights, WireError, decode_sample, encode, new_incarnation
 
 
 def pick_device(name: str) -> torch.device:

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from apex_zmq.wire import ExperienceChunk, SampleBatch
+
 from .sumtree import SumTree
-from .wire import ExperienceChunk, SampleBatch
 
 
 def importance_weights(priorities: np.ndarray, total: float, size: int, beta: float) -> np.ndarray:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .logger import TAG_PREFIXES, Logger
-from .wire import Telemetry, WireError, decode_telemetry
+from apex_zmq.logger import TAG_PREFIXES, Logger
+from apex_zmq.wire import Telemetry, WireError, decode_telemetry
 
 MAX_SENDERS = 4096           # distinct senders tracked; later new names are dropped (bounds memory)
 MAX_SLOTS = 1 << 16          # a report naming a wilder env slot is dropped (bounds memory)

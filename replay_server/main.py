@@ -9,11 +9,12 @@ from pathlib import Path
 
 import zmq
 
-from . import config as C
-from .envs import env_spec
+from apex_zmq import config as C
+from apex_zmq.envs import env_spec
+from apex_zmq.transport import Sockets, install_stop, run_role
+from apex_zmq.wire import Telemetry, WireError, decode_experience, decode_priorities, encode, new_incarnation
+
 from .replay import PrioritizedReplay, SampleToInsertRatio, annealed_beta
-from .transport import Sockets, install_stop, run_role
-from .wire import Telemetry, WireError, decode_experience, decode_priorities, encode, new_incarnation
 
 # Yield to the other tasks after this many back-to-back messages on one socket, so a flood of
 # experience cannot starve sampling (an awaited zmq future that is already done does not yield).

@@ -10,15 +10,33 @@ import numpy as np
 import torch
 import zmq
 
-from . import config as C
-from . import cpu
-from .envs import env_spec, make_vector_env
-from .exploration import actor_epsilons, actor_seed, epsilon_greedy
-from .networks import (Int8ActingNetwork, build_network, choose_acting, greedy_agreement, int8_engine,
-                       load_arrays, make_acting_network, weights_mismatch)
+from apex_zmq import config as C
+from apex_zmq import cpu
+from apex_zmq.envs import env_spec, make_vector_env
+from apex_zmq.exploration import actor_epsilons, actor_seed, epsilon_greedy
+from apex_zmq.networks import (
+    Int8ActingNetwork,
+    build_network,
+    choose_acting,
+    greedy_agreement,
+    int8_engine,
+    load_arrays,
+    make_acting_network,
+    weights_mismatch,
+)
+from apex_zmq.transport import Sockets, install_stop, recv_latest, run_role, send_until
+from apex_zmq.wire import (
+    MAX_EPISODES,
+    ExperienceChunk,
+    Telemetry,
+    WireError,
+    compress_obs,
+    decode_weights,
+    encode,
+    frame_table,
+)
+
 from .nstep import SegmentBuffer
-from .transport import Sockets, install_stop, recv_latest, run_role, send_until
-from .wire import MAX_EPISODES, ExperienceChunk, Telemetry, WireError, compress_obs, decode_weights, encode, frame_table
 
 
 class _Stepper:

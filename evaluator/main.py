@@ -13,18 +13,20 @@ import numpy as np
 import torch
 import zmq
 
-from . import config as C
-from .envs import env_spec
-from .checkpoint import save_atomic
-from .play import best_checkpoint, best_path, best_score
-from .protocols import Evaluation, evaluate_policy, protocol_for
+from apex_zmq import checkpoint
+from apex_zmq import config as C
+from apex_zmq.checkpoint import save_atomic
+from apex_zmq.envs import env_spec
+from apex_zmq.logger import Logger
+from apex_zmq.networks import build_network, load_arrays, weights_mismatch
+from apex_zmq.transport import Sockets, install_stop, recv_latest, run_role
+from apex_zmq.wire import Weights, WireError, decode_weights
+
 from .dashboard.curves import write_learning_curves
 from .dashboard.server import Dashboard
-from .logger import Logger
 from .monitor import CsvFollower, RunMonitor
-from .networks import build_network, load_arrays, weights_mismatch
-from .transport import Sockets, install_stop, recv_latest, run_role
-from .wire import Weights, WireError, decode_weights
+from .play import best_checkpoint
+from .protocols import Evaluation, evaluate_policy, protocol_for
 
 
 def evaluate(net: torch.nn.Module, env_id: str, episodes: int, epsilon: float, seed: int,
@@ -94,8 +96,8 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
     def evaluation() -> None:
         # CPU-bound episodes off the event loop; one evaluation per period with the newest weights.
         protocol = protocol_for(cfg.env, cfg.eval_protocol)
-        best_file = best_path(cfg.run_dir)
-        best = best_score(best_file, protocol.name)  # a restarted evaluator keeps the run's best
+        best_file = checkpoint.best_path(cfg.run_dir)
+        best = checkpoint.best_score(best_file, protocol.name)  # a restarted evaluator keeps the run's best
         n = 0
         while not halt.is_set():
             fresh.wait()

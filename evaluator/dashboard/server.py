@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
-from ..transport import host_is_loopback
+from apex_zmq.transport import host_is_loopback
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_HEAD_BYTES = 8192

@@ -1,0 +1,7 @@
+"""``python -m learner``: the learner program (see main.py)."""
+
+import sys
+
+from .main import main
+
+sys.exit(main(sys.argv[1:]))

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
+import sys
 import tomllib
+import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +40,18 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+ALGOS = ("dqn",)  # learning rules (--algo); learner/algos.py has one factory for each
+
+
 @dataclass
 class Common:
     """Settings every role shares."""
 
-    env: str = _f("ALE/Pong-v5", "gymnasium id (CartPole-v1) or ALE id (ALE/Pong-v5)")
+    env: str = _f("ALE/Pong-v5", "gymnasium id (CartPole-v1) or ALE id (ALE/Pong-v5); any env with a Discrete "
+                                 "action space and a 1-D Box or uint8 image observation")
+    env_module: str = _f("", "Python module(s) to import before --env is made, comma-separated: packages that "
+                             "register gymnasium envs (as RL Zoo's gym packages do); imported by every role, "
+                             "from the working directory or PYTHONPATH")
     run_dir: str = _f("", "directory for config, logs, checkpoints and metrics (default: runs/<env>); "
                           "running the same command again resumes the run in it")
     seed: int = _f(0, "base random seed")
@@ -58,6 +68,8 @@ class Common:
     insecure: bool = _f(False, "allow binding a non-loopback address without CURVE keys")
     keys: str = _f("", "CURVE key directory from `apex-zmq keys DIR`: every socket is then encrypted "
                        "and only authorized client keys may connect (empty: no CURVE)")
+    algo: Literal[ALGOS] = _f("dqn", "learning rule (learner/algos.py): dqn = double DQN, dueling, n-step, PER "
+                                    "(Horgan et al. 2018); every role builds the network the rule needs")
     hidden: int = _f(512, "hidden units of the dueling head (and of the MLP torso)")
     n_step: int = _f(3, "steps in the n-step return")
     gamma: float = _f(0.99, "discount per agent step")
@@ -174,23 +186,26 @@ ROLE_CONFIGS: dict[str, type] = {"actor": ActorConfig, "replay_server": ReplayCo
 # Programs run on their own only: ./run.sh (one host) neither starts them nor takes their flags.
 STANDALONE_CONFIGS: dict[str, type] = {"relay": RelayConfig}
 
-# Presets by env: values that make each family train well out of the box.
+# Presets by env: values that make each family train well out of the box. Gymnasium envs other than
+# ALE's (CartPole, --env-module envs) start from the classic-control one: small nets, fast evaluations.
+_CLASSIC: dict[str, Any] = dict(
+    hidden=64, envs_per_actor=8, chunk_steps=8, capacity=50_000, batch_size=128, min_size=500,
+    lr=1e-3, target_update=250, weights_period=0.25, checkpoint_period=10.0, eval_period=1.0,
+    eval_episodes=10, eval_epsilon=0.0, report_period=2.0, prefetch=8, loader_threads=1,
+    eps_base=0.4, eps_alpha=7.0, n_step=3, gamma=0.99)
 PRESETS: dict[str, dict[str, Any]] = {
-    "CartPole-v1": dict(
-        hidden=64, envs_per_actor=8, chunk_steps=8, capacity=50_000, batch_size=128, min_size=500,
-        lr=1e-3, target_update=250, weights_period=0.25, checkpoint_period=10.0, eval_period=1.0,
-        eval_episodes=10, eval_epsilon=0.0, report_period=2.0, prefetch=8, loader_threads=1,
-        eps_base=0.4, eps_alpha=7.0, n_step=3, gamma=0.99),
+    "classic": _CLASSIC,
+    "CartPole-v1": dict(_CLASSIC),
     "atari": dict(hidden=512, envs_per_actor=32, chunk_steps=16, capacity=2_000_000,
                   batch_size=512, min_size=50_000, lr=0.00025 / 4, target_update=2500),
 }
 
 
 def preset_for(env: str) -> dict[str, Any]:
-    """The preset of ``env`` (ALE ids share the ``atari`` preset)."""
+    """The preset of ``env`` (ALE ids share the ``atari`` preset, other envs without their own the ``classic``)."""
     if env.startswith("ALE/"):
         return PRESETS["atari"]
-    return PRESETS.get(env, {})
+    return PRESETS.get(env, PRESETS["classic"])
 
 
 def resolve(cfg: Any) -> Any:
@@ -307,7 +322,67 @@ def parse(cls: type, argv: list[str] | None, role: str, prog: str | None = None)
         _check_value(cls, k, v)
     cfg = resolve(cls(**values))
     validate(cfg)
+    try:
+        prepare_env(cfg)
+    except ConfigError as e:
+        print(f"{prog or f'apex-zmq {role}'}: {e}", file=sys.stderr, flush=True)
+        raise
     return cfg
+
+
+class ConfigError(SystemExit):
+    """A setting the program cannot run with: exits with ``CONFIG_ERROR_EXIT`` (a role that ./run.sh
+    would not restart); ``str()`` is the message, which ``parse`` prints on stderr first."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(CONFIG_ERROR_EXIT)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def import_env_modules(names: str) -> None:
+    """Import each module of ``--env-module`` (comma-separated), so it registers its gymnasium envs.
+
+    The working directory is searched last, as ``python -m`` does (``apex-zmq`` console scripts do
+    not put it on the path). A module that cannot be imported is a ``ConfigError`` naming it.
+    """
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.append(os.getcwd())
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and (name == e.name or name.startswith(e.name + ".")):
+                raise ConfigError(f"--env-module {name}: no module named {e.name!r} (is it installed, in the "
+                                  f"working directory {os.getcwd()} or on PYTHONPATH?)") from None
+            raise ConfigError(_import_failure(name, e)) from None
+        except Exception as e:  # the module itself failed: say where
+            raise ConfigError(_import_failure(name, e)) from None
+
+
+def _import_failure(name: str, e: BaseException) -> str:
+    frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    where = f" (at {frame.filename}:{frame.lineno})" if frame else ""
+    return f"--env-module {name}: importing it failed: {type(e).__name__}: {e}{where}"
+
+
+def prepare_env(cfg: Any) -> None:
+    """Import ``--env-module`` and check that the networks take ``--env``'s spaces (``ConfigError``
+    otherwise): every role and ./run.sh at start, before anything else. The relay makes no env."""
+    if isinstance(cfg, RelayConfig):
+        return
+    import_env_modules(cfg.env_module)
+    import gymnasium  # only once a program is about to make its env
+    from . import envs
+    try:
+        envs.check_env(cfg.env)
+    except envs.UnsupportedEnv as e:
+        raise ConfigError(str(e)) from None
+    except gymnasium.error.Error as e:  # not registered (a misspelt id, a module not imported)
+        hint = "" if cfg.env_module else " (an env of your own: pass --env-module with the module that registers it)"
+        raise ConfigError(f"--env {cfg.env}: {e}{hint}") from None
 
 
 def validate(cfg: Any) -> None:

@@ -1,4 +1,4 @@
-"""Dueling Q networks: an MLP for vector observations, the Nature CNN for Atari."""
+"""Dueling Q networks: an MLP for vector observations, a CNN (the Nature CNN for Atari) for images."""
 
 from __future__ import annotations
 
@@ -36,24 +36,38 @@ class Dueling(nn.Module):
             return self.value(h) + a - a.mean(dim=1, keepdim=True)
 
 
-class NatureTorso(nn.Module):
-    """Mnih et al. 2015 convolutions over uint8 [B, 4, 84, 84] frames (scaled to [0, 1] here)."""
+# (out channels, kernel, stride) of each convolution.
+NATURE_CONVS = ((32, 8, 4), (64, 4, 2), (64, 3, 1))  # Mnih et al. 2015: images of 36x36 and up
+SMALL_CONVS = ((32, 3, 1), (64, 3, 2))  # smaller images (at least envs.MIN_IMAGE_SIDE a side)
+NATURE_MIN_SIDE = 36  # the smallest side the Nature kernels fit (conv3 sees 1x1)
 
-    def __init__(self, channels: int) -> None:
+
+class NatureTorso(nn.Module):
+    """Convolutions over uint8 [B, C, H, W] images (scaled to [0, 1] here): by default Mnih et al.
+    2015's over Atari's [B, 4, 84, 84] frame stacks, ``SMALL_CONVS`` for images under 36x36."""
+
+    def __init__(self, channels: int, convs: tuple[tuple[int, int, int], ...] = NATURE_CONVS) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, 32, 8, stride=4), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten())
+        layers: list[nn.Module] = []
+        for out, kernel, stride in convs:
+            layers += [nn.Conv2d(channels, out, kernel, stride=stride), nn.ReLU()]
+            channels = out
+        self.net = nn.Sequential(*layers, nn.Flatten())
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs.float() / 255.0)
 
 
+def conv_layers_for(obs_shape: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    """The convolutions for [C, H, W] images: Nature's where they fit, else the small ones."""
+    return NATURE_CONVS if min(obs_shape[1:]) >= NATURE_MIN_SIDE else SMALL_CONVS
+
+
 def build_network(spec: EnvSpec, hidden: int) -> Dueling:
-    """The dueling network for ``spec``: Nature CNN for image stacks, else a 2-layer MLP."""
+    """The dueling network for ``spec``: a CNN for [C, H, W] uint8 images (Atari's frame stacks and
+    other image envs, at their own size: ``conv_layers_for``), else a 2-layer MLP."""
     if len(spec.obs_shape) == 3:
-        torso = NatureTorso(spec.obs_shape[0])
+        torso = NatureTorso(spec.obs_shape[0], conv_layers_for(spec.obs_shape))
         with torch.no_grad():
             features = torso(torch.zeros(1, *spec.obs_shape, dtype=torch.uint8)).shape[1]
         return Dueling(torso, features, hidden, spec.num_actions)

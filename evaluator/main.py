@@ -126,7 +126,8 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
             logger.write(scalars, w.version)
             if res.mean > best:  # these weights are the run's best so far: keep them for `play`
                 best = res.mean
-                save_atomic(best_checkpoint(net, cfg.env, cfg.hidden, w.version, res), best_file)
+                save_atomic(best_checkpoint(net, cfg.env, cfg.hidden, w.version, res, cfg.algo,
+                                                cfg.env_module), best_file)
             if cfg.stop_at_return is not None and res.mean >= cfg.stop_at_return:
                 state["reached"] = True
                 Path(cfg.run_dir, "finished.json").write_text(json.dumps(summary))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from apex_zmq import checkpoint
+from apex_zmq import config as C
 from apex_zmq.envs import env_spec, is_atari
 from apex_zmq.networks import build_network
 
@@ -32,11 +33,13 @@ class PlayError(Exception):
 # --- checkpoints ---------------------------------------------------------------------------------
 
 def best_checkpoint(net: torch.nn.Module, env_id: str, hidden: int, steps: int,
-                    evaluation: Evaluation) -> dict[str, Any]:
-    """The contents of ``best.pt``: what ``play`` reads from ``last.pt`` (net, env, hidden, steps) and the score."""
+                    evaluation: Evaluation, algo: str = "dqn", env_module: str = "") -> dict[str, Any]:
+    """The contents of ``best.pt``: what ``play`` reads from ``last.pt`` (net, env, hidden, algo, steps) and
+    the score."""
     hns = evaluation.hns
     return {"net": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()},
-            "env": env_id, "hidden": int(hidden), "steps": int(steps), "kind": "best",
+            "env": env_id, "hidden": int(hidden), "algo": algo, "env_module": env_module, "steps": int(steps),
+            "kind": "best",
             "score": evaluation.mean, "protocol": evaluation.protocol,
             "hns": math.nan if hns is None else float(hns), "episodes": len(evaluation.returns)}
 
@@ -54,7 +57,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
-def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_checkpoint(path: str | Path, env_module: str = "") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The network of a best.pt / last.pt (in eval mode) and its metadata (env, hidden, steps, path)."""
     p = resolve_checkpoint(path)
     try:
@@ -68,6 +71,14 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise PlayError(f"{p}: not an apex-zmq checkpoint (expected the keys 'net', 'env' and 'hidden' "
                         f"of a learner last.pt or evaluator best.pt; found {keys})")
     env_id, hidden, weights = state["env"], state["hidden"], state["net"]
+    try:  # a custom env must be registered before it is made: the run's --env-module, unless given here
+        C.import_env_modules(env_module or state.get("env_module", ""))
+    except C.ConfigError as e:
+        raise PlayError(f"{p}: {e}") from None
+    algo = state.get("algo", "dqn")  # checkpoints from before --algo are double DQN's
+    if algo not in C.ALGOS:
+        raise PlayError(f"{p}: a checkpoint of --algo {algo!r}, which this version does not know "
+                        f"(it knows {list(C.ALGOS)})")
     try:
         spec = env_spec(env_id)
     except Exception as e:
@@ -81,7 +92,7 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     except RuntimeError as e:
         raise PlayError(f"{p}: its weights do not fit the {env_id} network with hidden={hidden}: "
                         f"{str(e).splitlines()[0]}") from e
-    meta = {"path": str(p), "env": env_id, "hidden": hidden, "steps": state.get("steps"),
+    meta = {"path": str(p), "env": env_id, "hidden": hidden, "algo": algo, "steps": state.get("steps"),
             "kind": state.get("kind", "last")}
     return net.eval(), meta
 
@@ -217,6 +228,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--video", default=None, help="record episode 0 to this .mp4 or .gif")
     p.add_argument("--csv", default=None, help="write one row per episode to this CSV file")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--env-module", default="",
+                   help="module(s) registering the checkpoint's env, comma-separated (default: the one the "
+                        "checkpoint names, as the run's --env-module)")
     return p
 
 
@@ -239,7 +253,7 @@ def _play(args: argparse.Namespace) -> int:
         raise PlayError("--video records one checkpoint's episode: give a single CHECKPOINT")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    loaded = [load_checkpoint(c) for c in args.checkpoints]  # every error before any episode
+    loaded = [load_checkpoint(c, args.env_module) for c in args.checkpoints]  # every error before any episode
     video = Video(args.video, FPS / FRAME_SKIP if is_atari(loaded[0][1]["env"]) else 30.0) if args.video else None
     rows: list[dict[str, Any]] = []
     means: dict[str, list[float]] = {}  # per game: the mean return of each of its checkpoints

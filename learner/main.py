@@ -1,4 +1,5 @@
-"""The learner program: prefetching loader threads, double DQN steps, priorities and weights out."""
+"""The learner program: prefetching loader threads, training steps of the ``--algo`` rule, priorities and
+weights out."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import zmq
 from apex_zmq import checkpoint
 from apex_zmq import config as C
 from apex_zmq.envs import env_spec
-from apex_zmq.networks import build_network, state_arrays
+from apex_zmq.networks import state_arrays
 from apex_zmq.transport import Sockets, get_until, install_stop, put_until, recv_until, run_role, send_until
 from apex_zmq.wire import PriorityUpdate, Telemetry, Weights, WireError, decode_sample, encode, new_incarnation
 
-from .dqn import DQNLearner, batch_from_sample
+from .algos import make_rule
+from .dqn import batch_from_sample
 
 
 def pick_device(name: str) -> torch.device:
@@ -42,16 +44,14 @@ class LearnerCore:
         self.amp = cfg.amp == "on" or (cfg.amp == "auto" and self.device.type == "cuda")
         # channels-last lets cuDNN pick its fastest (tensor-core) convolutions under mixed precision.
         self.channels_last = self.amp and self.spec.atari
-        net = build_network(self.spec, cfg.hidden).to(self.device)
-        if self.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        self.learner = DQNLearner(net, cfg.optimizer, cfg.lr, cfg.target_update, cfg.grad_clip, amp=self.amp)
+        self.learner = make_rule(self.spec, cfg, self.device, self.amp, self.channels_last)
         self.ckpt_path = checkpoint.last_path(cfg.run_dir)
         self.resumed_from = -1
         if self.ckpt_path.exists():
             state = checkpoint.load(self.ckpt_path)
-            written = (state.get("env"), state.get("hidden"))  # None: a checkpoint that does not say
-            fits = all(w in (None, own) for w, own in zip(written, (cfg.env, cfg.hidden)))
+            # None: a checkpoint that does not say (those from before --algo are double DQN's)
+            written = (state.get("env"), state.get("hidden"), state.get("algo", "dqn"))
+            fits = all(w in (None, own) for w, own in zip(written, (cfg.env, cfg.hidden, cfg.algo)))
             detail = ""
             if fits:
                 try:
@@ -62,9 +62,10 @@ class LearnerCore:
             if not fits:
                 # Another network's checkpoint fails the same way on every restart: stop with the
                 # code the supervisor does not restart, naming both networks and the way out.
-                print(f"learner: {self.ckpt_path} was written for --env {written[0] or '?'} "
-                      f"--hidden {written[1] or '?'}; this run has --env {cfg.env} --hidden {cfg.hidden}: "
-                      f"use another --run-dir or the same flags{detail}", file=sys.stderr, flush=True)
+                print(f"learner: {self.ckpt_path} was written for --algo {written[2]} --env {written[0] or '?'} "
+                      f"--hidden {written[1] or '?'}; this run has --algo {cfg.algo} --env {cfg.env} "
+                      f"--hidden {cfg.hidden}: use another --run-dir or the same flags{detail}",
+                      file=sys.stderr, flush=True)
                 raise SystemExit(C.CONFIG_ERROR_EXIT)
             self.resumed_from = self.learner.steps
         self.incarnation = new_incarnation()  # actors take a restarted learner's weights at once
@@ -84,6 +85,8 @@ class LearnerCore:
         state = self.learner.state_dict()
         state["env"] = self.cfg.env
         state["hidden"] = self.cfg.hidden
+        state["algo"] = self.cfg.algo
+        state["env_module"] = self.cfg.env_module  # what play imports to make a custom env
         checkpoint.save_atomic(state, self.ckpt_path)
 
 

@@ -36,10 +36,11 @@ def exit_message(excinfo) -> str:
 # --------------------------------------------------------------------------- precedence
 
 
-def test_field_defaults_without_preset():
-    cfg = C.parse(ReplayConfig, ["--env", "MountainCar-v0"], "replay_server")  # no preset for it
-    assert cfg.capacity == ReplayConfig.capacity == 2_000_000
-    assert cfg.batch_size == 512 and cfg.alpha == 0.6 and cfg.hidden == 512
+def test_envs_without_a_preset_of_their_own_get_the_classic_one():
+    cfg = C.parse(ReplayConfig, ["--env", "MountainCar-v0"], "replay_server")  # no preset of its own
+    assert cfg.capacity == C.PRESETS["classic"]["capacity"] == 50_000 != ReplayConfig.capacity
+    assert cfg.batch_size == 128 and cfg.hidden == 64
+    assert cfg.alpha == ReplayConfig.alpha == 0.6  # not in the preset: the field default
     assert cfg.run_dir == str(Path("runs") / "MountainCar-v0")
 
 

@@ -192,7 +192,7 @@ def test_launcher_exits_non_zero_at_once_on_a_checkpoint_of_another_network(tmp_
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     assert "run.sh: learner stopped on a configuration error (exit code 78)" in out.stdout
     assert str(run_dir / "logs" / "learner.log") in out.stdout
-    assert (f"{run_dir / 'checkpoints' / 'last.pt'} was written for --env CartPole-v1 --hidden 64; "
-            f"this run has --env CartPole-v1 --hidden 32") in out.stdout
+    assert (f"{run_dir / 'checkpoints' / 'last.pt'} was written for --algo dqn --env CartPole-v1 --hidden 64; "
+            f"this run has --algo dqn --env CartPole-v1 --hidden 32") in out.stdout
     assert "run.sh: stopped (failed)" in out.stdout
     assert "learner exited with code" not in out.stdout  # it was not restarted

@@ -114,6 +114,10 @@ def test_play_errors_are_clear(tmp_path: Path, cartpole_last: Path, capsys: pyte
     torch.save(state, wrong)
     assert main([str(wrong)]) == 2
     assert "do not fit the CartPole-v1 network with hidden=32" in capsys.readouterr().err
+    state["hidden"], state["algo"] = 16, "a-future-algo"
+    torch.save(state, wrong)
+    assert main([str(wrong)]) == 2
+    assert "a checkpoint of --algo 'a-future-algo', which this version does not know" in capsys.readouterr().err
     assert main([str(cartpole_last), "--video", str(tmp_path / "x.avi")]) == 2
     assert "supported: .mp4, .gif" in capsys.readouterr().err
 

@@ -70,8 +70,8 @@ def test_checkpoint_of_another_network_stops_the_learner_naming_both(tmp_path: P
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 78, out.stdout[-3000:] + out.stderr[-3000:]
     ckpt = run_dir / "checkpoints" / "last.pt"
-    assert (f"learner: {ckpt} was written for --env CartPole-v1 --hidden 64; this run has "
-            f"--env CartPole-v1 --hidden 32: use another --run-dir or the same flags") in out.stderr
+    assert (f"learner: {ckpt} was written for --algo dqn --env CartPole-v1 --hidden 64; this run has "
+            f"--algo dqn --env CartPole-v1 --hidden 32: use another --run-dir or the same flags") in out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -89,6 +89,22 @@ def test_checkpoint_that_does_not_name_its_network_still_stops_on_a_shape_mismat
         _cartpole_learner(run_dir, 32)
     assert stopped.value.code == C.CONFIG_ERROR_EXIT
     err = capsys.readouterr().err
-    assert (f"learner: {ckpt} was written for --env ? --hidden ?; "
-            f"this run has --env CartPole-v1 --hidden 32") in err
+    assert (f"learner: {ckpt} was written for --algo dqn --env ? --hidden ?; "
+            f"this run has --algo dqn --env CartPole-v1 --hidden 32") in err
     assert "size mismatch" in err
+
+
+def test_checkpoint_of_another_learning_rule_stops_the_learner_naming_both(tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    _cartpole_learner(run_dir, 64).save()
+    ckpt = checkpoint.last_path(run_dir)
+    state = checkpoint.load(ckpt)
+    assert state["algo"] == "dqn"  # checkpoints record their learning rule
+    state["algo"] = "rainbow"  # as written by a learner of another --algo with the same env and width
+    checkpoint.save_atomic(state, ckpt)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        _cartpole_learner(run_dir, 64)
+    assert stopped.value.code == C.CONFIG_ERROR_EXIT
+    assert (f"learner: {ckpt} was written for --algo rainbow --env CartPole-v1 --hidden 64; "
+            f"this run has --algo dqn --env CartPole-v1 --hidden 64") in capsys.readouterr().err

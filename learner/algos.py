@@ -1,0 +1,59 @@
+"""The learner's seam for learning rules (``--algo``).
+
+A learning rule is the only part of the learner that knows the algorithm: it builds its networks, takes
+one training step on a prioritized batch and returns the batch's new priorities and the loss, names the
+network the actors and the evaluator act with (broadcast as weights), and gives the state a checkpoint
+keeps. The program (``learner.main``) wires sockets, loaders, checkpoints and telemetry around any rule,
+so a new algorithm is a new file here plus a line in ``RULES``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from apex_zmq import config as C
+from apex_zmq.envs import EnvSpec
+from apex_zmq.networks import build_network
+
+from .dqn import Batch, DQNLearner
+
+
+class LearningRule(Protocol):
+    """What the learner program needs from an algorithm."""
+
+    net: nn.Module  # the online network: its state is broadcast as weights (what the actors act with)
+    steps: int      # training steps taken (the weights version)
+
+    def step(self, b: Batch) -> tuple[np.ndarray, float]:
+        """One training step on ``b``; returns (new priority per item of ``b.ids``, loss)."""
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume (networks, optimizer, counters)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state_dict``."""
+
+
+def build_dqn(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, amp: bool,
+              channels_last: bool) -> LearningRule:
+    """Double DQN on the dueling network (Ape-X's learning rule)."""
+    net = build_network(spec, cfg.hidden).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return DQNLearner(net, cfg.optimizer, cfg.lr, cfg.target_update, cfg.grad_clip, amp=amp)
+
+
+RuleFactory = Callable[[EnvSpec, C.LearnerConfig, torch.device, bool, bool], LearningRule]
+RULES: dict[str, RuleFactory] = {"dqn": build_dqn}
+
+
+def make_rule(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, amp: bool = False,
+              channels_last: bool = False) -> LearningRule:
+    """The learning rule ``cfg.algo`` names, built for ``spec`` on ``device``."""
+    if cfg.algo not in RULES:
+        raise SystemExit(f"--algo {cfg.algo!r}: expected one of {sorted(RULES)}")
+    return RULES[cfg.algo](spec, cfg, device, amp, channels_last)

@@ -15,6 +15,7 @@ from apex_zmq import cpu
 from apex_zmq.envs import env_spec, make_vector_env
 from apex_zmq.exploration import actor_epsilons, actor_seed, epsilon_greedy
 from apex_zmq.networks import (
+    ActingChoice,
     Int8ActingNetwork,
     build_network,
     choose_acting,
@@ -36,6 +37,7 @@ from apex_zmq.wire import (
     frame_table,
 )
 
+from .acting import make_acting
 from .nstep import SegmentBuffer
 
 
@@ -78,6 +80,10 @@ class EnvGroup:
         self.ep_length = np.zeros(k, dtype=np.int64)
 
 
+# Telemetry carries numbers: the dashboard's ladder names the exploration from this code.
+EXPLORATION_CODES = {"ladder": 0, "noisy": 1, "both": 2}
+
+
 def life_lost(prev_lives: np.ndarray | None, lives: np.ndarray | None, valid: np.ndarray) -> np.ndarray:
     """Envs whose step (a valid one: not an autoreset step, where lives jump back up) lost a life."""
     if prev_lives is None or lives is None:
@@ -105,12 +111,21 @@ class ActorCore:
         # Fresh env seeds and exploration stream after each restart (the restart count is in the seed).
         self.seed = seed = actor_seed(cfg.seed, cfg.actor_index, cfg.restart, cfg.envs_per_actor)
         K = cfg.envs_per_actor
-        self.net = build_network(self.spec, cfg.hidden).eval()
-        self.acting = choose_acting(cfg.acting_dtype, len(self.spec.obs_shape) == 3, cpu.detect(), int8_engine())
-        self.policy = make_acting_network(self.net, self.acting)
+        self.net = build_network(self.spec, cfg.hidden, cfg.algo, **C.net_options(cfg)).eval()
+        if cfg.algo == "dqn":
+            self.acting = choose_acting(cfg.acting_dtype, len(self.spec.obs_shape) == 3, cpu.detect(),
+                                        int8_engine())
+            self.policy = make_acting_network(self.net, self.acting)
+        else:  # the fast copies are dqn's network only (config.validate refuses asking for them)
+            self.acting = ActingChoice("float32", why=f"--algo {cfg.algo} acts with its float32 network")
+            self.policy = self.net
+        self.act = make_acting(cfg, self.net, self.policy, self.spec.num_actions, seed)
+        self.exploration = C.exploration_of(cfg)
         self.agreement = 1.0
-        self._check_agreement = True  # at the first step and after every weights update
+        self._check_agreement = cfg.algo == "dqn"  # at the first step and after every weights update
         eps = actor_epsilons(cfg.actor_index, K, cfg.num_actors, cfg.eps_base, cfg.eps_alpha)
+        if self.exploration == "noisy":  # the noisy layers explore alone: every slot greedy
+            eps = np.zeros_like(eps)
         self.rng = np.random.default_rng(seed)
         g = max(1, min(cfg.env_groups, K)) if self.spec.atari else 1  # gymnasium envs have no async send
         bounds = np.linspace(0, K, g + 1).astype(int)
@@ -119,7 +134,8 @@ class ActorCore:
             lo, hi = int(bounds[i]), int(bounds[i + 1])
             env = make_vector_env(cfg.env, hi - lo, seed + lo, num_threads=cfg.env_threads)
             obs, info = env.reset(seed=seed + lo)
-            seg = SegmentBuffer(hi - lo, cfg.chunk_steps, cfg.n_step, cfg.gamma, self.spec.num_actions)
+            seg = SegmentBuffer(hi - lo, cfg.chunk_steps, cfg.n_step, cfg.gamma, self.spec.num_actions,
+                                self.act.out_shape, self.act.priority_fn)
             lives = np.array(info["lives"]) if self.spec.atari else None
             self.groups.append(EnvGroup(env, lo, eps[lo:hi], seg, obs, lives))
         self.eps = eps
@@ -145,10 +161,11 @@ class ActorCore:
     def set_weights(self, names: list[str], arrays: list[np.ndarray], version: int, incarnation: int = 0) -> None:
         """Adopt newer network weights."""
         load_arrays(self.net, names, arrays)
-        self.policy.sync(self.net)
+        if self.policy is not self.net:
+            self.policy.sync(self.net)
+            self._check_agreement = True
         self.weights_version = version
         self.weights_incarnation = incarnation
-        self._check_agreement = True
 
     @torch.inference_mode()
     def step(self) -> ExperienceChunk | None:
@@ -158,14 +175,13 @@ class ActorCore:
         if grp.in_flight:
             self._observe(grp)
         obs = torch.as_tensor(grp.obs)
-        q = self.policy(obs)
+        q, outputs = self.act.outputs(obs)
         if self._check_agreement:
             self.agreement = self._measure_agreement(obs, q)
             self._check_agreement = False
-        q = q.numpy()
-        grp.seg.add_obs(compress_obs(grp.obs), q)
+        grp.seg.add_obs(compress_obs(grp.obs), outputs)
         chunk = self._chunk(grp) if grp.seg.full else None
-        grp.actions = epsilon_greedy(q, grp.eps, self.rng)
+        grp.actions = epsilon_greedy(q.numpy(), grp.eps, self.rng)
         grp.stepper.send(grp.actions)
         grp.in_flight = True
         return chunk
@@ -227,7 +243,8 @@ async def main_async(cfg: C.ActorConfig) -> None:
     """Wire the actor core to its sockets and run until stopped."""
     torch.set_num_threads(cfg.torch_threads)
     core = ActorCore(cfg)
-    print(f"{core.name}: acting copy {core.acting.label} ({core.acting.why}); CPU {cpu.detect().describe()}; "
+    print(f"{core.name}: --algo {cfg.algo}, exploration {core.exploration}, acting copy {core.acting.label} "
+          f"({core.acting.why}); CPU {cpu.detect().describe()}; "
           f"restart {cfg.restart}, seed {core.seed}", flush=True)
     socks = Sockets(cfg.insecure, cfg.keys)
     exp = socks.connect(zmq.PUSH, cfg.experience, hwm=8, sync=True)  # owned by the stepping thread
@@ -281,6 +298,7 @@ async def main_async(cfg: C.ActorConfig) -> None:
                          "actor/agent_steps": core.agent_steps, "actor/frames": core.agent_steps * skip,
                          "actor/weights_version": core.weights_version,
                          "actor/acting_bits": core.acting.bits, "actor/acting_agreement": core.agreement,
+                         "actor/exploration": EXPLORATION_CODES[core.exploration],
                          "actor/rejected": counters["rejected"]})))
 
     try:

@@ -9,6 +9,7 @@ returns the first observation of the next episode with reward 0. Such a reset st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -68,10 +69,21 @@ def initial_priorities(q: np.ndarray, actions: np.ndarray, targets: NStepTargets
     ``q`` is [T+1, K, A]: Q of every observation of the segment under the actor's network.
     TD = ret + disc * max_a Q(boot, a) - Q(obs, action).
     """
-    q_sa = q[steps, envs, actions[steps, envs]]
-    q_boot = q[targets.boot[steps, envs], envs].max(axis=1)
-    td = targets.ret[steps, envs] + targets.disc[steps, envs] * q_boot - q_sa
+    return dqn_priorities(q[steps, envs], q[targets.boot[steps, envs], envs], actions[steps, envs],
+                          targets.ret[steps, envs], targets.disc[steps, envs])
+
+
+def dqn_priorities(q_obs: np.ndarray, q_boot: np.ndarray, actions: np.ndarray, ret: np.ndarray,
+                   disc: np.ndarray) -> np.ndarray:
+    """|TD| [M] from Q [M, A] at each transition's observation and at its bootstrap observation:
+    TD = ret + disc * max_a Q(boot, a) - Q(obs, action)."""
+    td = ret + disc * q_boot.max(axis=1) - q_obs[np.arange(len(actions)), actions]
     return np.abs(td).astype(np.float32)
+
+
+# (outputs at the observations [M, ...], outputs at the bootstrap observations, actions [M], ret [M],
+# disc [M]) -> initial priorities [M]: what each learning rule's actor computes from its own outputs.
+PriorityFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 class SegmentBuffer:
@@ -83,11 +95,15 @@ class SegmentBuffer:
     arrive; every observation of the segment goes into the chunk's frame table once.
     """
 
-    def __init__(self, num_envs: int, steps: int, n: int, gamma: float, num_actions: int) -> None:
+    def __init__(self, num_envs: int, steps: int, n: int, gamma: float, num_actions: int,
+                 out_shape: tuple[int, ...] | None = None, priority_fn: PriorityFn = dqn_priorities) -> None:
+        """``out_shape``: what the actor's network gives per observation (default: Q [num_actions]);
+        ``priority_fn`` turns those outputs into initial priorities (default: double DQN's |TD|)."""
         self.K, self.steps, self.n, self.gamma = num_envs, steps, n, gamma
         self.L = steps + n - 1
         L, K = self.L, num_envs
-        self.q = np.zeros((L + 1, K, num_actions), dtype=np.float32)
+        self.priority_fn = priority_fn
+        self.q = np.zeros((L + 1, K, *(out_shape or (num_actions,))), dtype=np.float32)
         self.actions = np.zeros((L, K), dtype=np.int64)
         self.rewards = np.zeros((L, K), dtype=np.float32)
         self.terminated = np.zeros((L, K), dtype=bool)
@@ -102,7 +118,8 @@ class SegmentBuffer:
         return len(self.blobs) == self.L + 1
 
     def add_obs(self, blobs: list[bytes], q: np.ndarray) -> None:
-        """The next observation of every env (compressed) and its Q values [K, A]."""
+        """The next observation of every env (compressed) and the network's outputs for it [K, *out_shape]
+        (Q values [K, A] for double DQN)."""
         if len(self.blobs) != self.num_steps:
             raise RuntimeError("add_obs and add_step must alternate, starting with add_obs")
         self.q[len(self.blobs)] = q
@@ -131,7 +148,8 @@ class SegmentBuffer:
             next_idx=(tg.boot[rows, envs] * K + envs).astype(np.int32),
             action=self.actions[rows, envs].astype(np.int32),
             ret=tg.ret[rows, envs], disc=tg.disc[rows, envs],
-            priority=initial_priorities(self.q, self.actions, tg, rows, envs))
+            priority=self.priority_fn(self.q[rows, envs], self.q[tg.boot[rows, envs], envs],
+                                      self.actions[rows, envs], tg.ret[rows, envs], tg.disc[rows, envs]))
         # Carry the last n - 1 steps and n observations.
         keep = self.L - E
         for a in (self.actions, self.rewards, self.terminated, self.truncated, self.valid):

@@ -40,7 +40,7 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-ALGOS = ("dqn",)  # learning rules (--algo); learner/algos.py has one factory for each
+ALGOS = ("dqn", "rainbow", "iqn")  # learning rules (--algo); learner/algos.py has one factory for each
 
 
 @dataclass
@@ -69,7 +69,25 @@ class Common:
     keys: str = _f("", "CURVE key directory from `apex-zmq keys DIR`: every socket is then encrypted "
                        "and only authorized client keys may connect (empty: no CURVE)")
     algo: Literal[ALGOS] = _f("dqn", "learning rule (learner/algos.py): dqn = double DQN, dueling, n-step, PER "
-                                    "(Horgan et al. 2018); every role builds the network the rule needs")
+                                    "(Horgan et al. 2018); rainbow = C51 + noisy nets + dueling + double + "
+                                    "n-step + PER (Hessel et al. 2018); iqn = implicit quantile network "
+                                    "(Dabney et al. 2018); every role builds the network the rule needs")
+    preset: Literal["none", "rainbow", "rainbow-iqn"] = _f(
+        "none", "algorithm preset over the env's: rainbow (Hessel et al.'s alpha 0.5, beta 0.4 annealed to 1, "
+                "Adam eps 1.5e-4) or rainbow-iqn (the seed's Rainbow-IQN Ape-X: iqn, noisy, dueling, Adam 5e-5 "
+                "eps 3.125e-4, alpha 0.2, beta 0.4); a config file and flags override it")
+    atoms: int = _f(51, "rainbow: atoms of the value distribution")
+    v_min: float = _f(-10.0, "rainbow: lowest atom (return units, after clipping)")
+    v_max: float = _f(10.0, "rainbow: highest atom")
+    noisy: Literal["auto", "on", "off"] = _f("auto", "NoisyNet linear layers in the head (auto: on for "
+                                                     "rainbow, off for iqn; dqn has none)")
+    sigma0: float = _f(0.5, "NoisyNet factorised-noise sigma_0")
+    dueling: bool = _f(True, "iqn: dueling head (dqn and rainbow are always dueling)")
+    n_cos: int = _f(64, "iqn: cosine features of the quantile embedding")
+    iqn_n: int = _f(64, "iqn: quantile samples N of the online network in the loss")
+    iqn_n_prime: int = _f(64, "iqn: quantile samples N' of the target network in the loss")
+    iqn_k: int = _f(32, "iqn: quantile samples K averaged to act")
+    kappa: float = _f(1.0, "iqn: Huber threshold of the quantile-Huber loss")
     hidden: int = _f(512, "hidden units of the dueling head (and of the MLP torso)")
     n_step: int = _f(3, "steps in the n-step return")
     gamma: float = _f(0.99, "discount per agent step")
@@ -92,6 +110,9 @@ class ActorConfig(Common):
     env_threads: int = _f(1, "ale-py threads stepping each env group of this actor")
     env_groups: int = _f(2, "Atari: groups the K envs are split into; one group steps while the "
                             "network acts on the next (1: no overlap)")
+    exploration: Literal["auto", "ladder", "noisy", "both"] = _f(
+        "auto", "ladder: Ape-X's epsilon ladder; noisy: the network's noisy layers, resampled every step for "
+                "every env slot, epsilon 0; both (auto: both with noisy layers, else ladder)")
     acting_dtype: Literal["auto", "float32", "bfloat16", "int8"] = _f(
         "auto", "number format of the actor's network copy (auto: int8 for Atari on x86 CPUs, with "
                 "7-bit activations where the CPU lacks VNNI; else bfloat16 where native, else float32)")
@@ -126,6 +147,7 @@ class LearnerConfig(Common):
     """The learner: double DQN with a dueling network and prioritized n-step targets."""
 
     optimizer: Literal["adam", "rmsprop"] = _f("adam", "optimizer")
+    adam_eps: float = _f(1.5e-4, "Adam's epsilon")
     lr: float = _f(0.00025 / 4, "learning rate")
     target_update: int = _f(2500, "learner steps between target network syncs")
     grad_clip: float = _f(40.0, "gradient norm clip")
@@ -195,9 +217,22 @@ _CLASSIC: dict[str, Any] = dict(
     eps_base=0.4, eps_alpha=7.0, n_step=3, gamma=0.99)
 PRESETS: dict[str, dict[str, Any]] = {
     "classic": _CLASSIC,
-    "CartPole-v1": dict(_CLASSIC),
+    # Returns up to ~1 / (1 - gamma) = 100: the C51 support must reach them.
+    "CartPole-v1": dict(_CLASSIC, v_min=0.0, v_max=110.0),
     "atari": dict(hidden=512, envs_per_actor=32, chunk_steps=16, capacity=2_000_000,
                   batch_size=512, min_size=50_000, lr=0.00025 / 4, target_update=2500),
+}
+
+
+# Algorithm presets (--preset), over the env's preset.
+ALGO_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    # Hessel et al. 2018: PER alpha 0.5, beta 0.4 annealed to 1 (here over 1M batches), Adam eps 1.5e-4.
+    "rainbow": dict(algo="rainbow", alpha=0.5, beta=0.4, beta_anneal=1_000_000, adam_eps=1.5e-4),
+    # The seed's Rainbow-IQN Ape-X: IQN with noisy layers, dueling, n-step and PER; Adam 5e-5 with eps
+    # 3.125e-4 (0.01 / 32), PER alpha 0.2 and beta 0.4; the target network follows every 2500 learner steps.
+    "rainbow-iqn": dict(algo="iqn", noisy="on", dueling=True, lr=5e-5, adam_eps=3.125e-4, alpha=0.2, beta=0.4,
+                        target_update=2500),
 }
 
 
@@ -316,6 +351,8 @@ def parse(cls: type, argv: list[str] | None, role: str, prog: str | None = None)
     env = args.get("env", file_values.get("env", Common.env))
     own = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in preset_for(env).items() if k in own}
+    preset = args.get("preset", file_values.get("preset", Common.preset))
+    values.update({k: v for k, v in ALGO_PRESETS[preset].items() if k in own})
     values.update(file_values)
     values.update(args)
     for k, v in values.items():
@@ -375,6 +412,7 @@ def prepare_env(cfg: Any) -> None:
         return
     import_env_modules(cfg.env_module)
     import gymnasium  # only once a program is about to make its env
+
     from . import envs
     try:
         envs.check_env(cfg.env)
@@ -383,6 +421,28 @@ def prepare_env(cfg: Any) -> None:
     except gymnasium.error.Error as e:  # not registered (a misspelt id, a module not imported)
         hint = "" if cfg.env_module else " (an env of your own: pass --env-module with the module that registers it)"
         raise ConfigError(f"--env {cfg.env}: {e}{hint}") from None
+
+
+def uses_noisy(cfg: Any) -> bool:
+    """Whether the network has NoisyNet layers (``--noisy auto``: rainbow yes, iqn and dqn no)."""
+    return cfg.noisy == "on" or (cfg.noisy == "auto" and cfg.algo == "rainbow")
+
+
+def exploration_of(cfg: Any) -> str:
+    """The actor's exploration: ``--exploration`` with ``auto`` resolved (both with noisy layers, else ladder)."""
+    if cfg.exploration != "auto":
+        return cfg.exploration
+    return "both" if uses_noisy(cfg) else "ladder"
+
+
+def net_options(cfg: Any) -> dict[str, Any]:
+    """What ``networks.build_network(spec, hidden, algo, **options)`` needs beyond the env and width;
+    checkpoints keep it, so ``play`` rebuilds the same network."""
+    if cfg.algo == "rainbow":
+        return dict(atoms=cfg.atoms, vmin=cfg.v_min, vmax=cfg.v_max, noisy=uses_noisy(cfg), sigma0=cfg.sigma0)
+    if cfg.algo == "iqn":
+        return dict(n_cos=cfg.n_cos, dueling=cfg.dueling, noisy=uses_noisy(cfg), sigma0=cfg.sigma0)
+    return {}
 
 
 def validate(cfg: Any) -> None:
@@ -395,6 +455,14 @@ def validate(cfg: Any) -> None:
     need(cfg.envs_per_actor >= 1, "envs_per_actor", f"must be >= 1, got {cfg.envs_per_actor}")
     need(cfg.n_step >= 1, "n_step", f"must be >= 1, got {cfg.n_step}")
     need(0 < cfg.gamma <= 1, "gamma", f"must be in (0, 1], got {cfg.gamma}")
+    if not isinstance(cfg, RelayConfig):
+        need(cfg.algo != "dqn" or cfg.noisy != "on", "noisy", "dqn has no noisy layers (use --algo rainbow or iqn)")
+        need(cfg.atoms >= 2, "atoms", f"must be >= 2, got {cfg.atoms}")
+        need(cfg.v_min < cfg.v_max, "v_min", f"must be below --v-max ({cfg.v_max}), got {cfg.v_min}")
+        need(cfg.sigma0 >= 0, "sigma0", f"must be >= 0, got {cfg.sigma0}")
+        for name in ("n_cos", "iqn_n", "iqn_n_prime", "iqn_k"):
+            need(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
+        need(cfg.kappa > 0, "kappa", f"must be > 0, got {cfg.kappa}")
     if isinstance(cfg, ActorConfig):
         need(0 <= cfg.actor_index < cfg.num_actors, "actor_index",
              f"must be in [0, {cfg.num_actors}), got {cfg.actor_index}")
@@ -402,6 +470,12 @@ def validate(cfg: Any) -> None:
         need(cfg.restart >= 0, "restart", f"must be >= 0, got {cfg.restart}")
         need(cfg.acting_dtype != "int8" or cfg.env.startswith("ALE/"), "acting_dtype",
              f"int8 needs an Atari env (the Nature CNN), got --env {cfg.env}")
+        need(cfg.acting_dtype in ("auto", "float32") or cfg.algo == "dqn", "acting_dtype",
+             f"{cfg.acting_dtype} acting copies exist for dqn's network only; --algo {cfg.algo} acts in float32 "
+             f"(use --acting-dtype auto or float32)")
+        need(cfg.exploration in ("auto", "ladder") or uses_noisy(cfg), "exploration",
+             f"{cfg.exploration} needs noisy layers (--algo rainbow, or --algo iqn --noisy on), "
+             f"got --algo {cfg.algo} --noisy {cfg.noisy}")
     if isinstance(cfg, RelayConfig):
         # Same endpoint both ways: the relay would bind the learner's port or subscribe to itself.
         need(cfg.relay_weights != cfg.weights, "relay_weights",

@@ -7,6 +7,7 @@ import copy
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,9 +64,16 @@ def conv_layers_for(obs_shape: tuple[int, ...]) -> tuple[tuple[int, int, int], .
     return NATURE_CONVS if min(obs_shape[1:]) >= NATURE_MIN_SIDE else SMALL_CONVS
 
 
-def build_network(spec: EnvSpec, hidden: int) -> Dueling:
-    """The dueling network for ``spec``: a CNN for [C, H, W] uint8 images (Atari's frame stacks and
-    other image envs, at their own size: ``conv_layers_for``), else a 2-layer MLP."""
+def build_network(spec: EnvSpec, hidden: int, algo: str = "dqn", **options: Any) -> nn.Module:
+    """The network ``algo`` learns for ``spec``: for dqn the dueling Q network (a CNN for [C, H, W]
+    uint8 images, Atari's frame stacks and other image envs at their own size: ``conv_layers_for``;
+    else a 2-layer MLP); for rainbow and iqn ``distributional.build_distributional_network`` with
+    ``options`` (``config.net_options``) on the same torso."""
+    if algo != "dqn":
+        from .distributional import build_distributional_network  # imports this module
+        return build_distributional_network(spec, hidden, algo, **options)
+    if options:
+        raise ValueError(f"dqn's network takes no options, got {sorted(options)}")
     if len(spec.obs_shape) == 3:
         torso = NatureTorso(spec.obs_shape[0], conv_layers_for(spec.obs_shape))
         with torch.no_grad():
@@ -139,6 +147,13 @@ def make_acting_network(net: Dueling, choice: ActingChoice) -> nn.Module:
     if choice.dtype == "int8":
         return Int8ActingNetwork(net, levels=choice.levels)
     return ActingNetwork(net, torch.bfloat16 if choice.dtype == "bfloat16" else torch.float32)
+
+
+def q_values(net: nn.Module, obs: torch.Tensor) -> torch.Tensor:
+    """Q(s, .) [B, A] of any algorithm's network: dqn's outputs Q; the distributional ones give their
+    expected values (C51: sum of atoms times probabilities; IQN: mean over sampled quantiles)."""
+    q = getattr(net, "q", None)
+    return q(obs) if callable(q) else net(obs)
 
 
 def greedy_agreement(q: torch.Tensor | np.ndarray, q_ref: torch.Tensor | np.ndarray) -> float:

@@ -32,9 +32,11 @@ training (epsilon stays at 0.04) until the limit.
 
 The time to 195 (the first 10-episode evaluation with a mean >= 195, not confirmed) is printed too.
 
-    .venv/bin/python bench/cartpole_solve.py [--runs 3] [--target 475] [--limit 300] [--algo dqn]
+    .venv/bin/python bench/cartpole_solve.py [--runs 3] [--target 475] [--limit 300] [--algo dqn[,rainbow,iqn]]
 
-Other flags go to ./run.sh. Last line: ``cartpole_solve_s=<ours> sb3_solve_s=<theirs> ratio=<ours/theirs>``
+``--algo dqn,rainbow,iqn`` runs each of our learning rules (dqn always: it is the others' reference) and
+prints ``<algo>_solve_s=... dqn_solve_s=... ratio_to_dqn=...`` for rainbow and iqn.
+Other flags go to ./run.sh. Last line: ``cartpole_solve_s=<ours, dqn> sb3_solve_s=<theirs> ratio=<ours/theirs>``
 (medians).
 """
 
@@ -53,13 +55,14 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, free_port_base, print_machine  # noqa: E402
 
 ENV = "CartPole-v1"
-ALGOS = ("dqn",)
+ALGOS = ("dqn", "rainbow", "iqn")
 EVAL_EPISODES = 10
 CONFIRM_EPISODES = 100
 EVAL_PERIOD_S = 1.0
@@ -140,6 +143,7 @@ def complete_rows(path: Path) -> list[dict]:
 def run_ours(target: float, limit: float, extra: list[str], log_dir: Path, index: int) -> dict:
     """One fresh run of ./run.sh: seconds from launch to the first confirmed hit (None: not in ``limit``)."""
     from apex_zmq import config as C
+    from apex_zmq.distributional import set_noise
     from apex_zmq.envs import env_spec
     from apex_zmq.networks import build_network, load_arrays
     res = {"solved_s": None, "low_s": None, "evals": 0, "hits": [], "restarts": ""}
@@ -175,7 +179,9 @@ def run_ours(target: float, limit: float, extra: list[str], log_dir: Path, index
                         continue
                     if net is None:
                         cfg = json.loads((run_dir / "config.json").read_text())
-                        net = build_network(env_spec(cfg["env"]), int(cfg["hidden"])).eval()
+                        algo, opts = cfg.get("algo", "dqn"), C.net_options(types.SimpleNamespace(**cfg))
+                        net = build_network(env_spec(cfg["env"]), int(cfg["hidden"]), algo, **opts).eval()
+                        set_noise(net, False)  # as the evaluator plays
                     load_arrays(net, *w)
                     # The identity check: the evaluator's own 10 episodes (its n-th evaluation is seeded
                     # seed + 7919 n) replayed with these weights give its mean again.
@@ -293,15 +299,15 @@ def describe(name: str, i: int, r: dict, target: float, limit: float) -> str:
         same = ("" if "replayed10" not in h else
                 f", the evaluator's 10 episodes replayed with the confirmed weights: {h['replayed10']:.1f}")
         head = (f"{r['solved_s']:.1f} s to eval mean >= {target:g} (10-ep {h['mean10']:.1f}, confirmed by "
-                f"100-ep {h['mean100']:.1f}, {'learner steps' if name == 'ours' else 'env steps'} {h['version']}"
+                f"100-ep {h['mean100']:.1f}, {'learner steps' if name.startswith('ours') else 'env steps'} {h['version']}"
                 f"{same})")
     extra = f"; unconfirmed hits at {misses}" if unconfirmed else ""
     if name == "sb3" and "env_steps" in r:
         extra += (f"; {r['env_steps']} env steps, {r['grad_steps']} gradient steps, "
                   f"{r['paused_s']:.1f} s of confirmations not counted")
-    if name == "ours":
+    if name.startswith("ours"):
         extra += f"; {r['weights_received']} weight broadcasts received by the benchmark"
-    if name == "ours" and r.get("restarts"):
+    if name.startswith("ours") and r.get("restarts"):
         extra += f"; {r['restarts']}"
     return f"{name} run {i + 1}: {head}; {r['evals']} evaluations; 195 at {low}{extra}"
 
@@ -312,7 +318,9 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=475.0)
     ap.add_argument("--limit", type=float, default=300.0, help="seconds before a run counts as failed "
                                                              "(and counts as this many seconds)")
-    ap.add_argument("--algo", default="dqn", help=f"algorithm of both systems, one of {list(ALGOS)}")
+    ap.add_argument("--algo", default="dqn", help=f"our algorithms, comma-separated, of {list(ALGOS)}; SB3's "
+                                                  f"DQN is the anchor; rainbow and iqn are also compared "
+                                                  f"with our dqn, which then runs too")
     ap.add_argument("--only", choices=("ours", "sb3"), help="run one side only (development)")
     ap.add_argument("--sb3-child", help=argparse.SUPPRESS)
     ap.add_argument("--t0", type=float, help=argparse.SUPPRESS)
@@ -321,40 +329,52 @@ def main() -> None:
     if args.sb3_child:
         sb3_child(args.target, args.limit, args.t0, args.seed, args.sb3_child)
         return
-    if args.algo not in ALGOS:
-        ap.error(f"--algo {args.algo!r} is not supported: allowed values are {', '.join(ALGOS)} "
-                 f"(only DQN exists in apex-zmq)")
+    algos = [a.strip() for a in args.algo.split(",") if a.strip()]
+    bad = [a for a in algos if a not in ALGOS]
+    if bad or not algos:
+        ap.error(f"--algo {args.algo!r}: allowed values are {', '.join(ALGOS)} (comma-separated)")
+    if args.only != "sb3" and "dqn" not in algos:
+        algos.insert(0, "dqn")  # the others' reference, measured in the same invocation
     if args.runs < 1 or args.limit <= 0:
         ap.error("--runs must be >= 1 and --limit > 0")
     print_machine()
     import torch
     torch.set_num_threads(1)  # this process's confirmations: one thread beside the live system
-    sides = [s for s in ("ours", "sb3") if args.only in (None, s)]
+    sides = ([f"ours-{a}" for a in algos] if args.only != "sb3" else []) + (["sb3"] if args.only != "ours" else [])
     times: dict[str, list[float]] = {s: [] for s in sides}
     lows: dict[str, list[float]] = {s: [] for s in sides}
     with tempfile.TemporaryDirectory(prefix="cartpole-bench-") as logs:
         for i in range(args.runs):
-            for side in sides:
-                r = (run_ours(args.target, args.limit, extra, Path(logs), i) if side == "ours"
-                     else run_sb3(args.target, args.limit, i, Path(logs), i))
+            for side in sides:  # alternating: a change in the machine's load touches every side
+                if side == "sb3":
+                    r = run_sb3(args.target, args.limit, i, Path(logs), i)
+                else:
+                    r = run_ours(args.target, args.limit, ["--algo", side[5:], *extra], Path(logs), i)
                 times[side].append(args.limit if r["solved_s"] is None else r["solved_s"])
                 lows[side].append(args.limit if r["low_s"] is None else r["low_s"])
                 print(describe(side, i, r, args.target, args.limit), flush=True)
-    names = {"ours": "apex-zmq (./run.sh)", "sb3": "SB3 DQN (RL Zoo hyperparameters, 1 torch thread)"}
     for side in sides:
+        name = ("SB3 DQN (RL Zoo hyperparameters, 1 torch thread)" if side == "sb3"
+                else f"apex-zmq --algo {side[5:]} (./run.sh)")
         t = ", ".join(f"{x:.1f}" for x in times[side])
         lo = ", ".join(f"{x:.1f}" for x in lows[side])
-        print(f"{names[side]}: to {args.target:g} (confirmed) median {statistics.median(times[side]):.1f} s "
+        print(f"{name}: to {args.target:g} (confirmed) median {statistics.median(times[side]):.1f} s "
               f"(runs {t}); to 195 (10-ep, unconfirmed) median {statistics.median(lows[side]):.1f} s (runs {lo})")
     med = {s: statistics.median(times[s]) for s in sides}
-    if len(sides) == 2:
-        low = {s: statistics.median(lows[s]) for s in sides}
-        print(f"cartpole_195_s={low['ours']:.1f} sb3_195_s={low['sb3']:.1f} ratio={low['ours'] / low['sb3']:.2f}")
-        print(f"cartpole_solve_s={med['ours']:.1f} sb3_solve_s={med['sb3']:.1f} "
-              f"ratio={med['ours'] / med['sb3']:.2f}")
+    low = {s: statistics.median(lows[s]) for s in sides}
+    for a in algos[1:]:  # rainbow and iqn against our dqn of the same invocation
+        side = f"ours-{a}"
+        print(f"{a}_solve_s={med[side]:.1f} dqn_solve_s={med['ours-dqn']:.1f} "
+              f"ratio_to_dqn={med[side] / med['ours-dqn']:.2f} ({a}_195_s={low[side]:.1f})")
+    if "sb3" in sides and "ours-dqn" in sides:
+        print(f"cartpole_195_s={low['ours-dqn']:.1f} sb3_195_s={low['sb3']:.1f} "
+              f"ratio={low['ours-dqn'] / low['sb3']:.2f}")
+        print(f"cartpole_solve_s={med['ours-dqn']:.1f} sb3_solve_s={med['sb3']:.1f} "
+              f"ratio={med['ours-dqn'] / med['sb3']:.2f}")
+    elif sides == ["sb3"]:
+        print(f"sb3_solve_s={med['sb3']:.1f}")
     else:
-        key = "cartpole_solve_s" if sides == ["ours"] else "sb3_solve_s"
-        print(f"{key}={med[sides[0]]:.1f}")
+        print(f"cartpole_solve_s={med['ours-dqn']:.1f}")
 
 
 if __name__ == "__main__":

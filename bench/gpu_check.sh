@@ -9,6 +9,8 @@
 #               batches on the GPU: fp32, bf16 (autocast + channels-last, as
 #               the learner), bf16 + one CUDA graph per step, bf16 +
 #               torch.compile; each variant guarded, a failure is recorded
+#   standalone_rainbow, standalone_iqn: the same for --algo rainbow and iqn,       40 s each
+#               fp32 and bf16 (standalone_<algo>.json)
 #   pipeline    the learner program in a live system (replay server, a          75 s
 #               producer of real Pong chunks, the launcher's loader threads)
 #               against its own step standalone = efficiency
@@ -18,10 +20,11 @@
 # The whole run keeps to APEX_GPU_BUDGET_S (570 s) from its start: each step's timeout is cut to what
 # is left, and the Pong run gets what the earlier steps left (at most 420 s; less when the venv had
 # to be built; skipped under 60 s). With the venv in place and every step at its timeout, Pong still
-# gets ~335 s: 10 + 30 + 90 + 75 + (335 + 25) + 5 = 570 s; typically the steps finish early and Pong
-# gets its 420 s (10 + 5 + ~60 + ~50 + 445 + 5).
+# gets ~255 s: 10 + 30 + 90 + 2 x 40 + 75 + (255 + 25) + 5 = 570 s; typically the steps finish early and Pong
+# gets ~390 s (10 + 5 + ~60 + ~50 + ~50 + 390 + 5).
 #
-# OUTDIR gets: system.txt, torch_info.json, standalone.json, pipeline.json, pong.json, eval.csv,
+# OUTDIR gets: system.txt, torch_info.json, standalone.json, standalone_rainbow.json, standalone_iqn.json,
+# pipeline.json, pong.json, eval.csv,
 # metrics_tail.csv, pong/ (the run directory, less its checkpoints), pong_logs/ (role log tails),
 # logs/<step>.log, steps.tsv (step, rc, seconds, timeout), summary.txt (key=value figures) and
 # summary.json. Exit status 0 when every step succeeded.
@@ -55,7 +58,7 @@ FAILED=0
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu BATCH=8 TRAIN_ENV=CartPole-v1 ACTORS="${APEX_GPU_ACTORS:-1}"
   BUDGET="${APEX_GPU_BUDGET_S:-170}" PONG_MAX="${APEX_GPU_PONG_SECONDS:-25}" PONG_MIN=10
-  T_STANDALONE=45 T_PIPELINE=70
+  T_STANDALONE=45 T_PIPELINE=70 T_ALGO=40
   STANDALONE_FLAGS=(--seconds 0.5 --min-steps 3 --warmup 1 --no-compile)
   PIPELINE_FLAGS=(--fill 256 --pool 2 --envs 4 --seconds 3 --standalone-seconds 0.5 --warmup-steps 3 --timeout 40)
   PIPELINE_MODE="${APEX_GPU_PIPELINE:-own}"  # learner_pipeline.py's 40 x 32-env chunks take minutes here
@@ -64,7 +67,7 @@ else
   DEVICE=cuda BATCH=512 TRAIN_ENV=ALE/Pong-v5
   ACTORS="${APEX_GPU_ACTORS:-$(( CORES > 5 ? CORES - 4 : 1 ))}"
   BUDGET="${APEX_GPU_BUDGET_S:-570}" PONG_MAX="${APEX_GPU_PONG_SECONDS:-420}" PONG_MIN=60
-  T_STANDALONE=90 T_PIPELINE=75
+  T_STANDALONE=90 T_PIPELINE=75 T_ALGO=40
   STANDALONE_FLAGS=(--seconds 4 --min-steps 10 --warmup 5)
   PIPELINE_FLAGS=(--fill 50000 --pool 12 --envs 32 --seconds 15 --standalone-seconds 5 --warmup-steps 20 --timeout 40)
   PIPELINE_MODE="${APEX_GPU_PIPELINE:-auto}"
@@ -171,6 +174,13 @@ if [ "$TORCH_OK" = 1 ]; then
   run_step standalone "$T_STANDALONE" "$PY" bench/gpu_learner.py standalone --device "$DEVICE" --batch "$BATCH" \
     --variants "$VARIANTS" --budget $(( T_STANDALONE - 10 )) "${STANDALONE_FLAGS[@]}" --out "$OUT/standalone.json"
 
+  # ---- (a2) the other learning rules' standalone steps (float32 and bf16 mixed precision)
+  for ALGO in rainbow iqn; do
+    run_step "standalone_$ALGO" "$T_ALGO" "$PY" bench/gpu_learner.py standalone --algo "$ALGO" --device "$DEVICE" \
+      --batch "$BATCH" --variants fp32,bf16 --budget $(( T_ALGO - 10 )) "${STANDALONE_FLAGS[@]}" \
+      --out "$OUT/standalone_$ALGO.json"
+  done
+
   # ---- (b) learner pipeline efficiency: bench/learner_pipeline.py when it takes --device, else ours
   LP_FLAGS_KNOWN="$(timeout 30 "$PY" bench/learner_pipeline.py --help 2>/dev/null | grep -o -- '--[a-z][a-z-]*' | sort -u | tr '\n' ' ')"
   if [ "$PIPELINE_MODE" = bench ] || { [ "$PIPELINE_MODE" = auto ] && [[ " $LP_FLAGS_KNOWN " == *" --device "* ]]; }; then
@@ -249,6 +259,16 @@ if not s.get("variants"):
 if "best" in s:
     lines.append(f"standalone best: {s['best']['variant']} steps_per_s={s['best']['steps_per_s']:.1f} "
                  f"(device={s.get('device')} batch={s.get('batch')})")
+for algo in ("rainbow", "iqn"):  # the other learning rules' steps, float32 and bf16
+    a = load(f"standalone_{algo}.json")
+    summary[f"standalone_{algo}"] = {}
+    for name, v in a.get("variants", {}).items():
+        ok = v.get("status") == "ok"
+        summary[f"standalone_{algo}"][name] = v["steps_per_s"] if ok else v.get("status")
+        lines.append(f"standalone {algo} {name}: " + (f"steps_per_s={v['steps_per_s']:.1f} "
+                     f"ms_per_step={v['ms_per_step']:.3f}" if ok else f"{v.get('status')} {v.get('error') or ''}"))
+    if not a.get("variants"):
+        lines.append(f"standalone {algo}: {a.get('status', 'missing')}")
 if p.get("status") == "ok":
     wait = p.get("system", {}).get("wait_fraction", math.nan)
     lines.append(f"pipeline: learner_steps_per_s={p['learner_steps_per_s']:.1f} "

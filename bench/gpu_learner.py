@@ -84,9 +84,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- standalone
-def learner_settings():
+def learner_settings(algo: str = "dqn"):
     from apex_zmq import config as C
-    return C.parse(C.LearnerConfig, ["--env", ENV], "learner")
+    return C.parse(C.LearnerConfig, ["--env", ENV, "--algo", algo], "learner")
 
 
 def random_batch(spec, batch: int, device, channels_last: bool, seed: int):
@@ -109,15 +109,9 @@ def random_batch(spec, batch: int, device, channels_last: bool, seed: int):
 
 
 def make_learner(spec, cfg, device, amp: bool, channels_last: bool):
-    """The network and DQNLearner as ``LearnerCore`` builds them."""
-    import torch
-
-    from apex_zmq.networks import build_network
-    from learner.dqn import DQNLearner
-    net = build_network(spec, cfg.hidden).to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return DQNLearner(net, cfg.optimizer, cfg.lr, cfg.target_update, cfg.grad_clip, amp=amp)
+    """The learning rule of ``cfg.algo`` as ``LearnerCore`` builds it."""
+    from learner.algos import make_rule
+    return make_rule(spec, cfg, device, amp, channels_last)
 
 
 def graphed(learner, static, amp: bool):
@@ -229,9 +223,11 @@ def cmd_standalone(args: argparse.Namespace) -> int:
         raise
     torch.set_num_threads(args.threads)
     spec = env_spec(ENV)
-    cfg = learner_settings()
+    cfg = learner_settings(args.algo)
     names = [v for v in args.variants.split(",") if v]
-    out = {"env": ENV, "network": "Nature dueling CNN", "device": str(device), "batch": args.batch,
+    network = {"dqn": "Nature dueling CNN", "rainbow": "Nature CNN, C51 dueling noisy head",
+               "iqn": "Nature CNN, IQN dueling head"}[args.algo]
+    out = {"env": ENV, "algo": args.algo, "network": network, "device": str(device), "batch": args.batch,
            "threads": args.threads, "machine": machine(), "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
            "optimizer": cfg.optimizer, "variants": {}}
@@ -247,6 +243,8 @@ def cmd_standalone(args: argparse.Namespace) -> int:
                 raise RuntimeError("injected failure (APEX_GPU_INJECT_FAIL)")
             if name not in VARIANTS:
                 entry = {"status": "error", "error": f"unknown variant (known: {', '.join(VARIANTS)})"}
+            elif cfg.algo != "dqn" and (name.endswith("_graph") or name in COMPILE_MODES):
+                entry = {"status": "skipped", "reason": "the graphed and compiled steps are dqn's only"}
             elif name.endswith("_graph") and device.type != "cuda":
                 entry = {"status": "skipped", "reason": "CUDA graphs need a CUDA device"}
             elif name in COMPILE_MODES and args.no_compile:
@@ -309,6 +307,8 @@ def in_system(args, chunks: list, loaders: int, threads: int) -> dict:
     logs = Path(args.log_dir) if args.log_dir else None
     if logs:
         logs.mkdir(parents=True, exist_ok=True)
+
+    from apex_zmq.launch import role_module
 
     def start(role: str, extra: list[str], threads: int) -> subprocess.Popen:
         # As ./run.sh starts a role: its torch threads, and the same number as the OpenMP/MKL/OpenBLAS floor.
@@ -531,6 +531,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--variants", default="fp32,bf16,bf16_graph,bf16_compile")
+    p.add_argument("--algo", default="dqn", choices=("dqn", "rainbow", "iqn"),
+                   help="learning rule (graphed and compiled variants: dqn only)")
     p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per variant")
     p.add_argument("--min-steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=5)

@@ -16,6 +16,7 @@ import zmq
 from apex_zmq import checkpoint
 from apex_zmq import config as C
 from apex_zmq.checkpoint import save_atomic
+from apex_zmq.distributional import set_noise
 from apex_zmq.envs import env_spec
 from apex_zmq.logger import Logger
 from apex_zmq.networks import build_network, load_arrays, weights_mismatch
@@ -57,7 +58,8 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
     """Bind telemetry, follow weights, evaluate periodically until stopped."""
     torch.set_num_threads(cfg.torch_threads)
     spec = env_spec(cfg.env)
-    net = build_network(spec, cfg.hidden).eval()
+    net = build_network(spec, cfg.hidden, cfg.algo, **C.net_options(cfg)).eval()
+    set_noise(net, False)  # evaluation acts with the mean weights of noisy layers
     logger = Logger(cfg.run_dir)
     started = time.time()
     monitor = RunMonitor(logger, num_slots=cfg.num_actors * cfg.envs_per_actor,
@@ -127,7 +129,7 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
             if res.mean > best:  # these weights are the run's best so far: keep them for `play`
                 best = res.mean
                 save_atomic(best_checkpoint(net, cfg.env, cfg.hidden, w.version, res, cfg.algo,
-                                                cfg.env_module), best_file)
+                                                cfg.env_module, C.net_options(cfg)), best_file)
             if cfg.stop_at_return is not None and res.mean >= cfg.stop_at_return:
                 state["reached"] = True
                 Path(cfg.run_dir, "finished.json").write_text(json.dumps(summary))

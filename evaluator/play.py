@@ -19,6 +19,7 @@ import torch
 
 from apex_zmq import checkpoint
 from apex_zmq import config as C
+from apex_zmq.distributional import set_noise
 from apex_zmq.envs import env_spec, is_atari
 from apex_zmq.networks import build_network
 
@@ -33,13 +34,14 @@ class PlayError(Exception):
 # --- checkpoints ---------------------------------------------------------------------------------
 
 def best_checkpoint(net: torch.nn.Module, env_id: str, hidden: int, steps: int,
-                    evaluation: Evaluation, algo: str = "dqn", env_module: str = "") -> dict[str, Any]:
+                    evaluation: Evaluation, algo: str = "dqn", env_module: str = "",
+                    net_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The contents of ``best.pt``: what ``play`` reads from ``last.pt`` (net, env, hidden, algo, steps) and
     the score."""
     hns = evaluation.hns
     return {"net": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()},
-            "env": env_id, "hidden": int(hidden), "algo": algo, "env_module": env_module, "steps": int(steps),
-            "kind": "best",
+            "env": env_id, "hidden": int(hidden), "algo": algo, "env_module": env_module,
+            "net_options": dict(net_options or {}), "steps": int(steps), "kind": "best",
             "score": evaluation.mean, "protocol": evaluation.protocol,
             "hns": math.nan if hns is None else float(hns), "episodes": len(evaluation.returns)}
 
@@ -84,12 +86,13 @@ def load_checkpoint(path: str | Path, env_module: str = "") -> tuple[torch.nn.Mo
     except Exception as e:
         raise PlayError(f"{p}: its env {env_id!r} cannot be made here ({type(e).__name__}: {e})") from e
     adv = weights.get("advantage.2.weight")
-    if isinstance(adv, torch.Tensor) and adv.ndim == 2:  # a network trained on another action set
+    if algo == "dqn" and isinstance(adv, torch.Tensor) and adv.ndim == 2:  # trained on another action set
         spec = dataclasses.replace(spec, num_actions=int(adv.shape[0]))
-    net = build_network(spec, hidden)
     try:
+        net = build_network(spec, hidden, algo, **state.get("net_options", {}))
         net.load_state_dict(weights)
-    except RuntimeError as e:
+        set_noise(net, False)  # evaluation acts with the mean weights of noisy layers
+    except (RuntimeError, TypeError, ValueError) as e:
         raise PlayError(f"{p}: its weights do not fit the {env_id} network with hidden={hidden}: "
                         f"{str(e).splitlines()[0]}") from e
     meta = {"path": str(p), "env": env_id, "hidden": hidden, "algo": algo, "steps": state.get("steps"),

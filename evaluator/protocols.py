@@ -29,6 +29,7 @@ import torch
 
 from apex_zmq.envs import ale_game, is_atari, make_vector_env
 from apex_zmq.exploration import epsilon_greedy
+from apex_zmq.networks import q_values
 
 from .atari_scores import has_hns, human_normalized
 
@@ -255,7 +256,7 @@ def evaluate_policy(net: torch.nn.Module, env_id: str, episodes: int, epsilon: f
     env = make_eval_env(env_id, episodes, seed, protocol, max_frames=max_frames, render=record is not None)
     try:
         obs, _ = env.reset(seed=seed)
-        num_outputs = int(net(torch.as_tensor(obs[:1])).shape[1])
+        num_outputs = int(q_values(net, torch.as_tensor(obs[:1])).shape[1])
         to_env = env_action_map(env, env_id, num_outputs)
         rng = np.random.default_rng(seed)
         eps = np.full(episodes, epsilon)
@@ -264,7 +265,7 @@ def evaluate_policy(net: torch.nn.Module, env_id: str, episodes: int, epsilon: f
             record(frame_of(env, env_id, obs))
 
         def step(running: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            q = net(torch.as_tensor(current[0])).numpy()
+            q = q_values(net, torch.as_tensor(current[0])).numpy()
             nxt, r, term, trunc, _ = env.step(to_env[epsilon_greedy(q, eps, rng)])
             current[0] = nxt
             if record is not None and running[0]:

@@ -20,6 +20,8 @@ from apex_zmq.envs import EnvSpec
 from apex_zmq.networks import build_network
 
 from .dqn import Batch, DQNLearner
+from .iqn import IQNLearner
+from .rainbow import RainbowLearner
 
 
 class LearningRule(Protocol):
@@ -38,17 +40,37 @@ class LearningRule(Protocol):
         """Resume from ``state_dict``."""
 
 
+def _network(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, channels_last: bool) -> nn.Module:
+    net = build_network(spec, cfg.hidden, cfg.algo, **C.net_options(cfg)).to(device)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def _common(cfg: C.LearnerConfig, amp: bool) -> dict:
+    return dict(optimizer=cfg.optimizer, lr=cfg.lr, target_update=cfg.target_update, grad_clip=cfg.grad_clip,
+                amp=amp, adam_eps=cfg.adam_eps)
+
+
 def build_dqn(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, amp: bool,
               channels_last: bool) -> LearningRule:
     """Double DQN on the dueling network (Ape-X's learning rule)."""
-    net = build_network(spec, cfg.hidden).to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return DQNLearner(net, cfg.optimizer, cfg.lr, cfg.target_update, cfg.grad_clip, amp=amp)
+    return DQNLearner(_network(spec, cfg, device, channels_last), **_common(cfg, amp))
+
+
+def build_rainbow(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, amp: bool,
+                  channels_last: bool) -> LearningRule:
+    """Rainbow: C51 dueling head, noisy layers (``--noisy``), cross-entropy priorities."""
+    return RainbowLearner(_network(spec, cfg, device, channels_last), **_common(cfg, amp))
+
+
+def build_iqn(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, amp: bool,
+              channels_last: bool) -> LearningRule:
+    """IQN (dueling and noisy layers optional): quantile-Huber loss as loss and priority."""
+    return IQNLearner(_network(spec, cfg, device, channels_last), **_common(cfg, amp), n=cfg.iqn_n,
+                      n_prime=cfg.iqn_n_prime, k=cfg.iqn_k, kappa=cfg.kappa)
 
 
 RuleFactory = Callable[[EnvSpec, C.LearnerConfig, torch.device, bool, bool], LearningRule]
-RULES: dict[str, RuleFactory] = {"dqn": build_dqn}
+RULES: dict[str, RuleFactory] = {"dqn": build_dqn, "rainbow": build_rainbow, "iqn": build_iqn}
 
 
 def make_rule(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, amp: bool = False,

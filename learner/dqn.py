@@ -78,7 +78,7 @@ class DQNLearner:
     """Owns the online and target networks and the optimizer; ``step`` trains on one batch."""
 
     def __init__(self, net: nn.Module, optimizer: str, lr: float, target_update: int,
-                 grad_clip: float, amp: bool = False) -> None:
+                 grad_clip: float, amp: bool = False, adam_eps: float = 1.5e-4) -> None:
         self.net = net
         # Mixed precision: bf16 autocast for the forward passes (no loss scaling needed, unlike
         # fp16); parameters, optimizer state and the loss reduction stay float32.
@@ -86,7 +86,7 @@ class DQNLearner:
         self.device_type = next(net.parameters()).device.type
         self.target = copy.deepcopy(net).requires_grad_(False)
         if optimizer == "adam":
-            self.opt = torch.optim.Adam(net.parameters(), lr=lr, eps=1.5e-4)
+            self.opt = torch.optim.Adam(net.parameters(), lr=lr, eps=adam_eps)
         elif optimizer == "rmsprop":
             self.opt = torch.optim.RMSprop(net.parameters(), lr=lr, alpha=0.95, eps=1.5e-7, centered=True)
         else:
@@ -95,11 +95,17 @@ class DQNLearner:
         self.grad_clip = grad_clip
         self.steps = 0
 
+    def per_sample(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss [B] to weight and minimise, new priority [B]): the part of a step each rule defines.
+        Double DQN: the Huber loss of the TD error, and |TD| as the priority."""
+        td = double_dqn_td(self.net, self.target, b).float()
+        return F.smooth_l1_loss(td, torch.zeros_like(td), reduction="none"), td.detach().abs()
+
     def step(self, b: Batch) -> tuple[np.ndarray, float]:
-        """One gradient step; returns (new priorities |TD| per item, loss)."""
+        """One gradient step; returns (new priority per item, loss)."""
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
-            td = double_dqn_td(self.net, self.target, b).float()
-        loss = (b.weight * F.smooth_l1_loss(td, torch.zeros_like(td), reduction="none")).mean()
+            losses, priorities = self.per_sample(b)
+        loss = (b.weight * losses.float()).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
@@ -107,7 +113,7 @@ class DQNLearner:
         self.steps += 1
         if self.steps % self.target_update == 0:
             self.target.load_state_dict(self.net.state_dict())
-        return td.detach().abs().float().cpu().numpy(), float(loss.detach())
+        return priorities.float().cpu().numpy(), float(loss.detach())
 
     def state_dict(self) -> dict:
         """Everything needed to resume: networks, optimizer, counters, RNG."""

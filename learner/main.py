@@ -87,6 +87,7 @@ class LearnerCore:
         state["hidden"] = self.cfg.hidden
         state["algo"] = self.cfg.algo
         state["env_module"] = self.cfg.env_module  # what play imports to make a custom env
+        state["net_options"] = C.net_options(self.cfg)  # what play builds the network with
         checkpoint.save_atomic(state, self.ckpt_path)
 
 

@@ -333,7 +333,7 @@ SLOTS = 8                    # CartPole preset: 1 actor x 8 envs
 HEARTBEAT_TIMEOUT = 6.0      # longer than a freeze below, short enough to wait for in a test
 FIGURES = ["eval-latest", "eval-steps", "eval-count", "learner-steps", "learner-steps-per-s", "learner-loss",
            "replay-size", "replay-inserted-per-s", "replay-sampled-per-s", "replay-updated-per-s",
-           "actor-steps-per-s", "ladder-slots", "actor-acting", "actor-agreement", "replay-spi", "replay-spi-target"]
+           "actor-steps-per-s", "ladder-slots", "actor-acting", "actor-agreement", "replay-spi", "replay-spi-target", "actor-exploration"]
 READ_DOM = """() => {
   const text = id => document.getElementById(id).textContent;
   const rows = sel => [...document.querySelectorAll(sel)].map(tr =>
@@ -524,6 +524,7 @@ def test_page_figures_match_the_state_and_what_the_roles_reported(snapshot: dict
     # The acting copy of the least agreeing actor (CartPole's MLP: float32, or bf16 where native).
     assert f["actor-acting"] == {32.0: "float32", 16.0: "bfloat16"}[latest["actor/acting_bits"]]
     assert f["actor-agreement"] == f"{100 * latest['actor/acting_agreement']:.0f}%"
+    assert f["actor-exploration"] == "epsilon ladder" and latest["actor/exploration"] == 0  # dqn's
     assert latest["actor/acting_agreement"] in reported["actor/acting_agreement"]
     assert num(f["learner-loss"]) == pytest.approx(latest["learner/loss"], rel=5e-3)  # 3 significant digits
     assert latest["learner/loss"] in reported["learner/loss"]

@@ -62,12 +62,26 @@ def test_dry_run_steps_within_budget(dry_run):
     out, *_ = dry_run
     rows = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
     steps = {name: (rc, int(secs), int(limit)) for name, rc, secs, limit in rows}
-    assert list(steps) == ["info", "setup", "torch_info", "standalone", "pipeline", "pong"]
+    assert list(steps) == ["info", "setup", "torch_info", "standalone", "standalone_rainbow", "standalone_iqn",
+                           "pipeline", "pong"]
     assert all(rc == "0" for rc, _, _ in steps.values()), steps
     assert sum(secs for _, secs, _ in steps.values()) <= DRY_BUDGET_S
     for name in ("torch_info", "standalone", "pipeline", "pong"):
         assert 0 < steps[name][2] <= DRY_BUDGET_S
         assert (out / "logs" / f"{name}.log").exists()
+
+
+@pytest.mark.parametrize("algo", ["rainbow", "iqn"])
+def test_dry_run_standalone_figures_of_the_other_learning_rules(dry_run, algo: str):
+    out, *_ = dry_run
+    s = json.loads((out / f"standalone_{algo}.json").read_text())
+    assert s["algo"] == algo and s["device"] == "cpu" and s["batch"] == 8
+    assert set(s["variants"]) == {"fp32", "bf16"}
+    for v in s["variants"].values():
+        assert v["status"] == "ok" and v["steps_per_s"] > 0
+    summary = (out / "summary.txt").read_text()
+    assert f"standalone {algo} fp32: steps_per_s=" in summary
+    assert json.loads((out / "summary.json").read_text())[f"standalone_{algo}"]["bf16"] > 0
 
 
 def test_dry_run_standalone_figures(dry_run):

@@ -133,6 +133,10 @@
     const bits = m["actor/acting_bits"];
     setText("actor-acting", bits == null ? "-" :
             ({32: "float32", 16: "bfloat16", 8: "int8", 7: "int8 (7-bit)"}[bits] || `${bits}-bit`));
+    // actor.main.EXPLORATION_CODES: with noisy layers alone every slot acts greedily (epsilon 0).
+    const exploration = m["actor/exploration"];
+    setText("actor-exploration", exploration == null ? "-" :
+            (["epsilon ladder", "noisy layers (epsilon 0)", "epsilon ladder + noisy layers"][exploration] || "?"));
     const agree = m["actor/acting_agreement"];
     setText("actor-agreement", agree == null ? "-" : `${(100 * agree).toFixed(0)}%`);
 

@@ -53,6 +53,7 @@ def _buf(frame: Any) -> memoryview:
 
 def compress_obs(obs: np.ndarray) -> list[bytes]:
     """lz4-compress each observation of a batch [m, *shape] separately."""
+    obs = np.asarray(obs, dtype=np.asarray(obs).dtype.newbyteorder("<"))  # the wire is little-endian
     return [lz4.block.compress(o.tobytes(), store_size=False) for o in obs]
 
 
@@ -77,7 +78,7 @@ def decompress_frames(data: memoryview | bytes, offsets: np.ndarray, shape: Sequ
             out[j * size:(j + 1) * size] = raw
     except lz4.block.LZ4BlockError as e:
         raise WireError(f"observation blob does not decompress: {e}") from None
-    return np.frombuffer(out, dtype=dtype).reshape(len(offsets) - 1, *shape)
+    return np.frombuffer(out, dtype=np.dtype(dtype).newbyteorder("<")).reshape(len(offsets) - 1, *shape)
 
 
 def decompress_frames_tolerant(data: memoryview | bytes, offsets: np.ndarray, shape: Sequence[int],
@@ -103,7 +104,7 @@ def decompress_frames_tolerant(data: memoryview | bytes, offsets: np.ndarray, sh
             bad[j] = True
             continue
         out[j * size:(j + 1) * size] = raw
-    return np.frombuffer(out, dtype=dtype).reshape(m, *shape), bad
+    return np.frombuffer(out, dtype=np.dtype(dtype).newbyteorder("<")).reshape(m, *shape), bad
 
 
 # --------------------------------------------------------------------------- messages
@@ -217,7 +218,7 @@ def _encode_arrays(t: str, header: dict[str, Any], arrays: dict[str, Any]) -> li
             frames.append(a)
             specs.append([name, len(a)])
         else:
-            a = np.ascontiguousarray(a, dtype=dtype)
+            a = np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<"))  # no copy on x86/ARM
             frames.append(a.data)
             specs.append([name, int(a.size)])
     header["a"] = specs
@@ -238,9 +239,11 @@ def encode(msg: ExperienceChunk | SampleBatch | PriorityUpdate | Weights | Telem
         return _encode_arrays("priorities", _header("priorities", msg.sender, msg.seq, inc=int(msg.incarnation)),
                               vars(msg))
     if isinstance(msg, Weights):
-        arrays = [np.asarray(a, order="C") for a in msg.arrays]  # (ascontiguousarray makes 0-d 1-d)
+        # Little-endian on the wire, named by kind and size ("float32", not "<f4"); 0-d stays 0-d (which
+        # ascontiguousarray would make 1-d).
+        arrays = [np.asarray(a, dtype=np.asarray(a).dtype.newbyteorder("<"), order="C") for a in msg.arrays]
         h = _header("weights", msg.sender, msg.seq, version=int(msg.version), inc=int(msg.incarnation),
-                    a=[[n, str(a.dtype), list(a.shape)] for n, a in zip(msg.names, arrays)])
+                    a=[[n, a.dtype.name, list(a.shape)] for n, a in zip(msg.names, arrays)])
         return [msgpack.packb(h, use_bin_type=True)] + [a.data for a in arrays]
     if isinstance(msg, Telemetry):
         h = _header("telemetry", msg.sender, msg.seq, role=msg.role, time=float(msg.time),
@@ -392,7 +395,7 @@ def decode_weights(frames: Frames) -> Weights:
         buf = _buf(frame)
         _need(len(buf) == math.prod(shape) * np.dtype(dtype).itemsize, f"{name}: size disagrees with shape")
         names.append(name)
-        arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
+        arrays.append(np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape))
     return Weights(sender=h["s"], seq=h["q"], version=h["version"], names=names, arrays=arrays, incarnation=inc)
 
 

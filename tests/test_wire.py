@@ -977,3 +977,17 @@ def test_tolerant_decompress_every_blob_bad():
     data, off = frame_table([b"\xff" * 24 + b for b in compress_obs(obs)])
     frames, bad = decompress_frames_tolerant(data, off, (4,), "float32")
     assert bad.all() and frames.shape == (3, 4) and not frames.any()
+
+
+def test_arrays_travel_little_endian_whatever_the_sender_holds() -> None:
+    # A big-endian sender (or a byte-swapped array) must put the same bytes on the wire as a little-endian
+    # one: PROTOCOL.md promises little-endian, and the names stay "float32" (a ">f4" would be refused).
+    from apex_zmq.wire import Weights, compress_obs, decode_weights, encode
+    le = np.arange(6, dtype="<f4").reshape(2, 3)
+    be = le.astype(">f4")
+    frames = [bytes(f) for f in encode(Weights(sender="learner", seq=0, version=1, names=["w"], arrays=[be]))]
+    again = [bytes(f) for f in encode(Weights(sender="learner", seq=0, version=1, names=["w"], arrays=[le]))]
+    assert frames == again
+    w = decode_weights(frames)
+    np.testing.assert_array_equal(w.arrays[0], le)
+    assert compress_obs(be) == compress_obs(le)

@@ -66,8 +66,8 @@ class RainbowActing(NoisyActing):
                  generator: torch.Generator) -> None:
         super().__init__(net, noisy_exploration, generator)
         self.out_shape = (num_actions, atoms)
-        support = net.support.detach().clone()
-        self.priority_fn = lambda lo, lb, a, r, d: rainbow_priorities_from_outputs(lo, lb, a, r, d, support)
+        self.priority_fn = lambda lo, lb, a, r, d: rainbow_priorities_from_outputs(lo, lb, a, r, d,
+                                                                                   net.support.detach())
 
     @torch.no_grad()
     def outputs(self, obs: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:

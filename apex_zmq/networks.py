@@ -328,6 +328,11 @@ def weights_mismatch(net: nn.Module, names: list[str], arrays: list[np.ndarray])
     for (name, t), a in zip(own.items(), arrays):
         if tuple(t.shape) != tuple(a.shape):
             return f"{name}: weights shape {a.shape}, network expects {tuple(t.shape)}"
+        # A C51 support is a setting, not a learnt weight: another --v-min/--v-max is a misconfiguration
+        # that would make actors act on one value range and compute priorities on another.
+        if name.split(".")[-1] == "support" and not np.allclose(t.detach().cpu().numpy(), a):
+            return (f"{name}: the weights' C51 support spans [{float(a[0]):g}, {float(a[-1]):g}], this "
+                    f"network's [{float(t[0]):g}, {float(t[-1]):g}] (--v-min / --v-max differ)")
     return None
 
 

@@ -53,6 +53,11 @@ class LearnerCore:
             written = (state.get("env"), state.get("hidden"), state.get("algo", "dqn"))
             fits = all(w in (None, own) for w, own in zip(written, (cfg.env, cfg.hidden, cfg.algo)))
             detail = ""
+            saved_opts, opts = state.get("net_options"), C.net_options(cfg)
+            if fits and saved_opts is not None and saved_opts != opts:  # e.g. another C51 support
+                differ = sorted(k for k in set(saved_opts) | set(opts) if saved_opts.get(k) != opts.get(k))
+                fits, detail = False, " (network options differ: " + ", ".join(
+                    f"{k} {saved_opts.get(k)} in the checkpoint, {opts.get(k)} now" for k in differ) + ")"
             if fits:
                 try:
                     self.learner.load_state_dict(state)

@@ -140,3 +140,12 @@ def test_rainbow_iqn_preset_is_the_seeds() -> None:
     assert (replay.alpha, replay.beta) == (0.2, 0.4)
     flags_win = C.parse(C.LearnerConfig, ["--preset", "rainbow-iqn", "--lr", "1e-4"], "learner")
     assert flags_win.lr == 1e-4
+
+
+def test_weights_of_another_c51_support_do_not_fit() -> None:
+    from apex_zmq.networks import state_arrays, weights_mismatch
+    ours = _net("rainbow", atoms=11, vmin=0.0, vmax=110.0)
+    names, arrays = state_arrays(_net("rainbow", atoms=11, vmin=-10.0, vmax=10.0))
+    why = weights_mismatch(ours, names, arrays)
+    assert why is not None and "support spans [-10, 10], this network's [0, 110]" in why
+    assert weights_mismatch(ours, *state_arrays(_net("rainbow", atoms=11, vmin=0.0, vmax=110.0))) is None

@@ -108,3 +108,15 @@ def test_checkpoint_of_another_learning_rule_stops_the_learner_naming_both(tmp_p
     assert stopped.value.code == C.CONFIG_ERROR_EXIT
     assert (f"learner: {ckpt} was written for --algo rainbow --env CartPole-v1 --hidden 64; "
             f"this run has --algo dqn --env CartPole-v1 --hidden 64") in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_c51_support_stops_the_learner_naming_it(tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    cfg = dict(env="CartPole-v1", hidden=16, run_dir=str(run_dir), device="cpu", algo="rainbow", v_max=110.0)
+    LearnerCore(C.LearnerConfig(**cfg)).save()
+    assert LearnerCore(C.LearnerConfig(**cfg)).resumed_from == 0  # the same options resume
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        LearnerCore(C.LearnerConfig(**{**cfg, "v_max": 200.0}))
+    assert stopped.value.code == C.CONFIG_ERROR_EXIT
+    assert "network options differ: vmax 110.0 in the checkpoint, 200.0 now" in capsys.readouterr().err

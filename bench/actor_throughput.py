@@ -81,7 +81,7 @@ def actor_rate(env_id: str, envs: int, groups: int, env_threads: int, torch_thre
     learner.start()
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "actor.main", "--env", env_id, "--run-dir", tmp,
+            [sys.executable, "-m", "actor", "--env", env_id, "--run-dir", tmp,
              *endpoint_flags(base), "--envs-per-actor", str(envs), "--env-threads", str(env_threads),
              "--env-groups", str(groups), "--torch-threads", str(torch_threads), "--num-actors", "1",
              "--acting-dtype", acting_dtype],

@@ -53,14 +53,14 @@ def in_system(env: str, batch: int, threads: int, fill: int, rate: float, second
         common = ["--env", env, "--run-dir", tmp, *flags]  # the replay server sets the batch size
         try:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "replay_server.main", *common, "--batch-size", str(batch), "--capacity", str(fill),
+                [sys.executable, "-m", "replay_server", *common, "--batch-size", str(batch), "--capacity", str(fill),
                  "--min-size", str(fill)], cwd=ROOT))
             prod = spawn.Process(target=producer, args=(env, ep["experience"], 40, fill, rate, throttle, stop, out))
             prod.start()
             wait_for_metric(tel, "replay/size", fill, timeout=300)
             throttle.set()
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "learner.main", *common, "--torch-threads", str(threads),
+                [sys.executable, "-m", "learner", *common, "--torch-threads", str(threads),
                  "--device", "cpu", "--checkpoint-period", "1e9"], cwd=ROOT))
             wait_for_metric(tel, "learner/steps", 20, timeout=300)  # warm-up
             rates, waits = [], []

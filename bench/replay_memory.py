@@ -58,7 +58,7 @@ class Server:
         self.tel.setsockopt(zmq.SUBSCRIBE, b"")
         self.tel.bind(f"tcp://127.0.0.1:{self.base + 4}")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "replay_server.main", "--env", env, "--run-dir", tmp,
+            [sys.executable, "-m", "replay_server", "--env", env, "--run-dir", tmp,
              *endpoint_flags(self.base), "--capacity", str(capacity), "--min-size", str(capacity), "--batch-size", "1",
              "--telemetry-period", "0.5"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

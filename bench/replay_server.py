@@ -100,7 +100,7 @@ def run_system(size: int, batch: int, rate: float, seconds: float) -> tuple[floa
     throttle, start, stacked, stop, out = spawn.Event(), spawn.Event(), spawn.Event(), spawn.Event(), spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
-            [sys.executable, "-m", "replay_server.main", "--env", ENV, "--run-dir", tmp, *flags,
+            [sys.executable, "-m", "replay_server", "--env", ENV, "--run-dir", tmp, *flags,
              "--capacity", str(size), "--min-size", str(size), "--batch-size", str(batch),
              "--telemetry-period", "1"], cwd=ROOT)
         prod = spawn.Process(target=producer, args=(ENV, ep["experience"], 40, size, rate, throttle, stop, out))

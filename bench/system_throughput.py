@@ -268,7 +268,7 @@ def actor_alone(config_path: Path, cfg, threads: int, seconds: float, warmup: fl
     pub = threading.Thread(target=publish_weights, args=(ep["weights"], cfg.env, cfg.hidden, cfg.weights_period, stop))
     pub.start()
     flags = [x for k, v in ep.items() for x in (f"--{k}", v)]
-    proc = subprocess.Popen([sys.executable, "-m", "actor.main", "--config", str(config_path),
+    proc = subprocess.Popen([sys.executable, "-m", "actor", "--config", str(config_path),
                              "--run-dir", str(tmp / "actor_alone"), *flags, "--actor-index", "0",
                              "--torch-threads", str(threads)],
                             cwd=ROOT, env=floor_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -435,7 +435,7 @@ def replay_alone(config_path: Path, cfg, threads: int, chunks: list, seconds: fl
     ep, flags, tel = live_endpoints()
     spawn = mp.get_context("spawn")
     start, stop, out = spawn.Event(), spawn.Event(), spawn.Queue()
-    server = subprocess.Popen([sys.executable, "-m", "replay_server.main", "--config", str(config_path),
+    server = subprocess.Popen([sys.executable, "-m", "replay_server", "--config", str(config_path),
                                "--run-dir", str(tmp / "replay_alone"), *flags, "--torch-threads", str(threads),
                                "--telemetry-period", "1"],
                               cwd=ROOT, env=floor_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -256,7 +256,7 @@ def test_roles_on_separate_network_stacks_train_cartpole_over_curve(hosts: dict[
 
     # A binding role given its host's address, without --keys and without --insecure, refuses.
     refused = subprocess.run(
-        replay.argv(sys.executable, "-m", "replay_server.main", *env, "--run-dir",
+        replay.argv(sys.executable, "-m", "replay_server", *env, "--run-dir",
                     str(runs["refused"]), *replay_binds, "--telemetry", evaluator.ep("telemetry")),
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     message = refused.stdout + refused.stderr

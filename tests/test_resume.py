@@ -65,7 +65,7 @@ def test_checkpoint_of_another_network_stops_the_learner_naming_both(tmp_path: P
     # What the supervisor sees: the learner program's exit code and its message, not a crash loop.
     run_dir = tmp_path / "run"
     _cartpole_learner(run_dir, 64).save()
-    argv = [sys.executable, "-m", "learner.main", "--env", "CartPole-v1", "--run-dir", str(run_dir),
+    argv = [sys.executable, "-m", "learner", "--env", "CartPole-v1", "--run-dir", str(run_dir),
             "--hidden", "32", "--device", "cpu", *endpoint_flags(free_port_base())]
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 78, out.stdout[-3000:] + out.stderr[-3000:]

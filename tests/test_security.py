@@ -87,7 +87,7 @@ def _replay_argv(run_dir: Path, eps: dict[str, str], *extra: str) -> list[str]:
 def test_non_loopback_bind_needs_keys_or_insecure(tmp_path: Path) -> None:
     eps = loopback_endpoints(free_port_base())
     eps["experience"] = eps["experience"].replace("127.0.0.1", "0.0.0.0")
-    r = subprocess.run([sys.executable, "-m", "replay_server.main", *_replay_argv(tmp_path, eps)],
+    r = subprocess.run([sys.executable, "-m", "replay_server", *_replay_argv(tmp_path, eps)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "refusing to bind tcp://0.0.0.0" in r.stderr and "--keys" in r.stderr and "--insecure" in r.stderr, \

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .envs import EnvSpec
-from .networks import NatureTorso, conv_layers_for
+from .networks import build_torso
 
 DISTRIBUTIONAL_ALGOS = ("rainbow", "iqn")
 
@@ -308,17 +308,6 @@ class IQNNet(_NoiseMixin, nn.Module):
 # ----------------------------------------------------------------------------- building
 
 
-def _torso(spec: EnvSpec, hidden: int) -> tuple[nn.Module, int]:
-    """The same torso as ``networks.build_network``: conv for uint8 images, a 1-layer MLP otherwise."""
-    if len(spec.obs_shape) == 3:
-        torso = NatureTorso(spec.obs_shape[0], conv_layers_for(spec.obs_shape))
-        with torch.no_grad():
-            features = torso(torch.zeros(1, *spec.obs_shape, dtype=torch.uint8)).shape[1]
-        return torso, int(features)
-    torso = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(spec.obs_shape)), hidden), nn.ReLU())
-    return torso, hidden
-
-
 def build_distributional_network(spec: EnvSpec, hidden: int, algo: str, *, atoms: int = 51,
                                  vmin: float = -10.0, vmax: float = 10.0, noisy: bool = True,
                                  sigma0: float = 0.5, n_cos: int = 64,
@@ -327,7 +316,7 @@ def build_distributional_network(spec: EnvSpec, hidden: int, algo: str, *, atoms
     (``n_cos``, ``dueling``). Noisy heads by default for both (Rainbow; Rainbow-IQN Ape-X)."""
     if algo not in DISTRIBUTIONAL_ALGOS:
         raise ValueError(f"algo must be one of {DISTRIBUTIONAL_ALGOS}, got {algo!r}")
-    torso, features = _torso(spec, hidden)
+    torso, features = build_torso(spec, hidden)
     if algo == "rainbow":
         return C51Dueling(torso, features, hidden, spec.num_actions, atoms, vmin, vmax, noisy, sigma0)
     return IQNNet(torso, features, hidden, spec.num_actions, n_cos, dueling, noisy, sigma0)

@@ -74,14 +74,20 @@ def build_network(spec: EnvSpec, hidden: int, algo: str = "dqn", **options: Any)
         return build_distributional_network(spec, hidden, algo, **options)
     if options:
         raise ValueError(f"dqn's network takes no options, got {sorted(options)}")
+    torso, features = build_torso(spec, hidden)
+    return Dueling(torso, features, hidden, spec.num_actions)
+
+
+def build_torso(spec: EnvSpec, hidden: int) -> tuple[nn.Module, int]:
+    """(feature torso, feature count) shared by every algorithm's network: a CNN for [C, H, W] uint8
+    images at their own size (``conv_layers_for``), else one hidden layer of ``hidden`` units."""
     if len(spec.obs_shape) == 3:
         torso = NatureTorso(spec.obs_shape[0], conv_layers_for(spec.obs_shape))
         with torch.no_grad():
             features = torso(torch.zeros(1, *spec.obs_shape, dtype=torch.uint8)).shape[1]
-        return Dueling(torso, features, hidden, spec.num_actions)
-    obs_dim = int(np.prod(spec.obs_shape))
-    torso = nn.Sequential(nn.Flatten(), nn.Linear(obs_dim, hidden), nn.ReLU())
-    return Dueling(torso, hidden, hidden, spec.num_actions)
+        return torso, int(features)
+    torso = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(spec.obs_shape)), hidden), nn.ReLU())
+    return torso, hidden
 
 
 def int8_engine() -> str | None:

@@ -81,7 +81,9 @@ class EnvGroup:
 
 
 # Telemetry carries numbers: the dashboard's ladder names the exploration from this code.
-EXPLORATION_CODES = {"ladder": 0, "noisy": 1, "both": 2}
+# 3 and 4: the asynchronous family's actor-learners (a3c samples its policy; the Q algorithms anneal
+# each slot's epsilon from 1 to one drawn from {0.1, 0.01, 0.5}).
+EXPLORATION_CODES = {"ladder": 0, "noisy": 1, "both": 2, "policy": 3, "annealed": 4}
 
 
 def life_lost(prev_lives: np.ndarray | None, lives: np.ndarray | None, valid: np.ndarray) -> np.ndarray:
@@ -312,6 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     """``apex-zmq actor``: run one actor process."""
     cfg = C.parse(C.ActorConfig, argv, "actor")
     C.save(cfg, cfg.run_dir, f"config_actor_{cfg.actor_index}")
+    if C.is_async(cfg):  # an actor-learner: gradients to the learner, no replay
+        from .actor_learner import main_async as run_actor_learner
+        asyncio.run(run_actor_learner(cfg))
+        return
     asyncio.run(main_async(cfg))
 
 

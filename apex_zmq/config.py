@@ -22,8 +22,8 @@ from typing import Any, Literal, Optional
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORTS = {"experience": 5551, "samples": 5552, "priorities": 5553, "weights": 5554,
-                 "telemetry": 5555}
-RELAY_PORT = 5556  # a relay's local weights endpoint (not one of the five: ./run.sh starts no relay)
+                 "telemetry": 5555, "gradients": 5557}
+RELAY_PORT = 5556  # a relay's local weights endpoint (./run.sh starts no relay)
 
 
 def endpoint(host: str, port: int) -> str:
@@ -32,15 +32,27 @@ def endpoint(host: str, port: int) -> str:
 
 
 def loopback_endpoints(base_port: int) -> dict[str, str]:
-    """All five socket endpoints on loopback from ``base_port`` upwards (tests and ``--port-base``)."""
-    return {name: endpoint(LOOPBACK, base_port + i) for i, name in enumerate(DEFAULT_PORTS)}
+    """Every socket endpoint on loopback from ``base_port`` upwards, at the default ports' offsets
+    (tests and ``--port-base``; ``base_port + 5`` stays free, as the relay's port is by default)."""
+    first = min(DEFAULT_PORTS.values())
+    return {name: endpoint(LOOPBACK, base_port + port - first) for name, port in DEFAULT_PORTS.items()}
 
 
 def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-ALGOS = ("dqn", "rainbow", "iqn")  # learning rules (--algo); learner/algos.py has one factory for each
+# Learning rules (--algo); learner/algos.py has one factory for each. The first three learn from the
+# replay (Ape-X); the asynchronous family (Mnih et al. 2016) has no replay server: actor-learners push
+# gradients of their own experience and the learner applies them as a parameter server.
+REPLAY_ALGOS = ("dqn", "rainbow", "iqn")
+ASYNC_ALGOS = ("a3c", "nstep_q", "onestep_q", "onestep_sarsa")
+ALGOS = REPLAY_ALGOS + ASYNC_ALGOS
+
+
+def is_async(cfg: Any) -> bool:
+    """Whether ``cfg.algo`` is of the asynchronous family (no replay server, gradients to the learner)."""
+    return cfg.algo in ASYNC_ALGOS
 
 
 @dataclass
@@ -65,13 +77,19 @@ class Common:
                       "learner -> actors/evaluator weights endpoint (bound by the learner)")
     telemetry: str = _f(endpoint(LOOPBACK, DEFAULT_PORTS["telemetry"]),
                         "every role -> evaluator telemetry endpoint (bound by the evaluator)")
+    gradients: str = _f(endpoint(LOOPBACK, DEFAULT_PORTS["gradients"]),
+                        "actor-learners -> learner gradients endpoint (bound by the learner; asynchronous "
+                        "algorithms only)")
     insecure: bool = _f(False, "allow binding a non-loopback address without CURVE keys")
     keys: str = _f("", "CURVE key directory from `apex-zmq keys DIR`: every socket is then encrypted "
                        "and only authorized client keys may connect (empty: no CURVE)")
     algo: Literal[ALGOS] = _f("dqn", "learning rule (learner/algos.py): dqn = double DQN, dueling, n-step, PER "
                                     "(Horgan et al. 2018); rainbow = C51 + noisy nets + dueling + double + "
                                     "n-step + PER (Hessel et al. 2018); iqn = implicit quantile network "
-                                    "(Dabney et al. 2018); every role builds the network the rule needs")
+                                    "(Dabney et al. 2018); asynchronous, no replay (Mnih et al. 2016): "
+                                    "a3c = advantage actor-critic, nstep_q = n-step Q, onestep_q = one-step "
+                                    "Q, onestep_sarsa = one-step Sarsa; every role builds the network the "
+                                    "rule needs")
     preset: Literal["none", "rainbow", "rainbow-iqn"] = _f(
         "none", "algorithm preset over the env's: rainbow (Hessel et al.'s alpha 0.5, beta 0.4 annealed to 1, "
                 "Adam eps 1.5e-4) or rainbow-iqn (the seed's Rainbow-IQN Ape-X: iqn, noisy, dueling, Adam 5e-5 "
@@ -117,6 +135,15 @@ class ActorConfig(Common):
         "auto", "number format of the actor's network copy (auto: int8 for Atari on x86 CPUs, with "
                 "7-bit activations where the CPU lacks VNNI; else bfloat16 where native, else float32)")
     max_actor_steps: int = _f(0, "stop after this many vector steps (0: run until stopped)")
+    t_max: int = _f(5, "asynchronous algorithms: vector steps of the K envs per gradient (t_max)")
+    eps_anneal_frames: int = _f(4_000_000, "asynchronous Q algorithms: frames (agent steps x frame-skip, of "
+                                           "this actor-learner's envs) over which each env slot's epsilon "
+                                           "falls from 1 to its final value, drawn from {0.1, 0.01, 0.5} "
+                                           "with probabilities {0.4, 0.3, 0.3}")
+    entropy_beta: float = _f(0.01, "a3c: weight of the policy-entropy bonus")
+    value_coef: float = _f(0.5, "a3c: weight of the value loss (0.5 x squared advantage)")
+    gradient_dtype: Literal["float32", "bfloat16"] = _f("float32", "asynchronous algorithms: number format "
+                                                                   "of the gradients sent to the learner")
     restart: int = _f(0, "times this actor has been restarted (./run.sh's supervisor sets it); part of "
                          "the seed of its envs and exploration, so a restarted actor plays fresh games")
 
@@ -158,6 +185,10 @@ class LearnerConfig(Common):
     amp: Literal["auto", "on", "off"] = _f("auto", "bf16 mixed precision and channels-last convolutions "
                                                    "(auto: on for cuda)")
     max_learner_steps: int = _f(0, "stop after this many learner steps (0: run until stopped)")
+    max_staleness: int = _f(32, "asynchronous algorithms: gradients computed more than this many updates "
+                                "ago (weights versions) are dropped and counted")
+    rmsprop_alpha: float = _f(0.99, "asynchronous algorithms: decay of the shared RMSProp statistics")
+    rmsprop_eps: float = _f(1e-5, "asynchronous algorithms: RMSProp epsilon")
 
 
 @dataclass
@@ -239,6 +270,17 @@ ALGO_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The asynchronous family over the env's preset (Mnih et al. 2016: RMSProp at ~7e-4, t_max 5, the target
+# network every 40,000 frames, which is 125 updates of 16 envs x 5 steps x 4 frames). Weights go out
+# often: an actor-learner computes each gradient at the newest weights it has (staleness).
+ASYNC_PRESETS: dict[str, dict[str, Any]] = {
+    "classic": dict(lr=1e-3, t_max=5, envs_per_actor=8, weights_period=0.02, target_update=100,
+                    eps_anneal_frames=20_000, max_staleness=32),
+    "atari": dict(lr=7e-4, t_max=5, envs_per_actor=16, weights_period=0.1, target_update=125,
+                  eps_anneal_frames=4_000_000, max_staleness=32),
+}
+
+
 def preset_for(env: str) -> dict[str, Any]:
     """The preset of ``env`` (ALE ids share the ``atari`` preset, other envs without their own the ``classic``)."""
     if env.startswith("ALE/"):
@@ -251,7 +293,9 @@ def resolve(cfg: Any) -> Any:
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / cfg.env.replace("/", "-"))
     if cfg.num_actors == 0:
-        cfg.num_actors = max(1, (os.cpu_count() or 1) - 2) if isinstance(cfg, LaunchConfig) else 1
+        # No replay server in the asynchronous family: its core goes to one more actor-learner.
+        spare = 1 if not isinstance(cfg, RelayConfig) and is_async(cfg) else 2
+        cfg.num_actors = max(1, (os.cpu_count() or 1) - spare) if isinstance(cfg, LaunchConfig) else 1
     return cfg
 
 
@@ -355,6 +399,10 @@ def parse(cls: type, argv: list[str] | None, role: str, prog: str | None = None)
     own = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in preset_for(env).items() if k in own}
     preset = args.get("preset", file_values.get("preset", Common.preset))
+    algo = args.get("algo", file_values.get("algo", ALGO_PRESETS[preset].get("algo", Common.algo)))
+    if algo in ASYNC_ALGOS:
+        family = ASYNC_PRESETS["atari" if env.startswith("ALE/") else "classic"]
+        values.update({k: v for k, v in family.items() if k in own})
     values.update({k: v for k, v in ALGO_PRESETS[preset].items() if k in own})
     values.update(file_values)
     values.update(args)
@@ -479,6 +527,20 @@ def validate(cfg: Any) -> None:
         need(cfg.exploration in ("auto", "ladder") or uses_noisy(cfg), "exploration",
              f"{cfg.exploration} needs noisy layers (--algo rainbow, or --algo iqn --noisy on), "
              f"got --algo {cfg.algo} --noisy {cfg.noisy}")
+    if not isinstance(cfg, RelayConfig) and is_async(cfg):
+        need(cfg.preset == "none", "preset", f"{cfg.preset} is an Ape-X preset; --algo {cfg.algo} takes none")
+        need(cfg.noisy != "on", "noisy", f"--algo {cfg.algo} has no noisy layers")
+    if isinstance(cfg, ActorConfig) and is_async(cfg):
+        need(cfg.t_max >= 1, "t_max", f"must be >= 1, got {cfg.t_max}")
+        need(cfg.eps_anneal_frames >= 0, "eps_anneal_frames", f"must be >= 0, got {cfg.eps_anneal_frames}")
+        need(cfg.entropy_beta >= 0, "entropy_beta", f"must be >= 0, got {cfg.entropy_beta}")
+        need(cfg.value_coef >= 0, "value_coef", f"must be >= 0, got {cfg.value_coef}")
+        need(cfg.exploration in ("auto", "ladder"), "exploration",
+             f"--algo {cfg.algo} explores as Mnih et al. 2016 do (auto), got {cfg.exploration}")
+    if isinstance(cfg, LearnerConfig) and is_async(cfg):
+        need(cfg.max_staleness >= 0, "max_staleness", f"must be >= 0, got {cfg.max_staleness}")
+        need(0 <= cfg.rmsprop_alpha < 1, "rmsprop_alpha", f"must be in [0, 1), got {cfg.rmsprop_alpha}")
+        need(cfg.rmsprop_eps > 0, "rmsprop_eps", f"must be > 0, got {cfg.rmsprop_eps}")
     if isinstance(cfg, RelayConfig):
         # Same endpoint both ways: the relay would bind the learner's port or subscribe to itself.
         need(cfg.relay_weights != cfg.weights, "relay_weights",

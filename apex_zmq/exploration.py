@@ -42,3 +42,21 @@ def actor_seed(base: int, actor_index: int, restart: int, num_envs: int) -> int:
     """
     state = np.random.SeedSequence([base, actor_index, restart]).generate_state(1, dtype=np.uint32)[0]
     return int(state) % (2**31 - num_envs)  # env seeds seed..seed+K-1 stay in ale-py's int32 range
+
+
+# Mnih et al. 2016: each actor-learner's final epsilon is drawn from these with these probabilities.
+PAPER_FINAL_EPSILONS = (0.1, 0.01, 0.5)
+PAPER_FINAL_PROBS = (0.4, 0.3, 0.3)
+
+
+def draw_final_epsilons(rng: np.random.Generator, k: int) -> np.ndarray:
+    """Final epsilons of ``k`` env slots, each drawn from {0.1, 0.01, 0.5} with {0.4, 0.3, 0.3}."""
+    return rng.choice(np.array(PAPER_FINAL_EPSILONS), size=k, p=np.array(PAPER_FINAL_PROBS))
+
+
+def annealed_epsilon(final: np.ndarray | float, frames: int, anneal_frames: int) -> np.ndarray | float:
+    """Epsilon falling linearly from 1 to ``final`` over ``anneal_frames`` frames, then held there."""
+    if anneal_frames <= 0:
+        return final
+    left = max(0.0, 1.0 - frames / anneal_frames)
+    return final + (1.0 - final) * left

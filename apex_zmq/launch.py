@@ -219,20 +219,24 @@ def plan_budgets(cfg: C.LaunchConfig, cores: int, learner_on_gpu: bool) -> dict[
     """Each role's budget on a machine of ``cores`` cores (one place: the launcher passes each role
     its ``--torch-threads`` and OpenMP/MKL/OpenBLAS floor from here).
 
-    Every actor, the replay server and the evaluator get one core each; the learner trains with
+    Every actor, the replay server and the evaluator get one core each (the asynchronous family has no
+    replay server, and its learner, which only applies gradients, one thread); the learner trains with
     ``--learner-threads`` torch threads (0: the cores left over, at least 1; 1 on a GPU, where the
     CPU only feeds it). A role's busy threads: its workers (an Atari actor's env groups step in
     ale-py's own threads), plus its event loop and ZeroMQ's I/O thread.
     """
     io = 2  # event loop + ZeroMQ I/O thread
     spare = max(1, cores - cfg.num_actors - 2)
-    learner_threads = cfg.learner_threads or (1 if learner_on_gpu else spare)
+    # The asynchronous family's learner applies gradients the actor-learners computed: one thread does.
+    learner_threads = cfg.learner_threads or (1 if learner_on_gpu or C.is_async(cfg) else spare)
     atari = cfg.env.startswith("ALE/")
-    env_threads = cfg.env_groups * cfg.env_threads if atari else 0
+    groups = 1 if C.is_async(cfg) else cfg.env_groups  # an actor-learner steps its K envs as one group
+    env_threads = groups * cfg.env_threads if atari else 0
     return {
         "actor": RoleBudget(1.0, 1, 1 + env_threads + io),
         "replay_server": RoleBudget(1.0, 1, 1 + io),  # the loop is its work; snapshots add a writer
-        "learner": RoleBudget(float(learner_threads), learner_threads, learner_threads + cfg.loader_threads + io),
+        "learner": RoleBudget(float(learner_threads), learner_threads,
+                              learner_threads + (0 if C.is_async(cfg) else cfg.loader_threads) + io),
         "evaluator": RoleBudget(1.0, 1, 1 + io),
     }
 
@@ -260,8 +264,10 @@ def build_roles(cfg: C.LaunchConfig, config_path: Path, cores: int | None = None
                 "--torch-threads", threads]
         return Role(name, argv, logs / f"{name}.log", env=env, **kw)
 
-    roles = [role("evaluator", "evaluator", echo=True), role("replay_server", "replay_server"),
-             role("learner", "learner")]
+    roles = [role("evaluator", "evaluator", echo=True)]
+    if not C.is_async(cfg):  # the asynchronous family learns without replay
+        roles.append(role("replay_server", "replay_server"))
+    roles.append(role("learner", "learner"))
     roles += [role(f"actor-{i}", "actor", "--actor-index", str(i), tell_restart=True) for i in range(cfg.num_actors)]
     return roles
 
@@ -289,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     roles = build_roles(cfg, config_path)
     sup = Supervisor(roles, cfg.max_restarts, run_dir / "roles.json")
     resume = (run_dir / "checkpoints" / "last.pt").exists()
-    print(f"run.sh: {cfg.env} with {cfg.num_actors} actor process(es) x {cfg.envs_per_actor} envs"
+    kind = "actor-learner" if C.is_async(cfg) else "actor"
+    print(f"run.sh: {cfg.env}, --algo {cfg.algo}, with {cfg.num_actors} {kind} process(es) x {cfg.envs_per_actor} envs"
           f"{' (resuming)' if resume else ''}\n"
           f"run.sh: run directory {run_dir.resolve()}\n"
           f"run.sh: role logs in {run_dir.resolve() / 'logs'}; metrics in metrics.csv, eval.csv; "

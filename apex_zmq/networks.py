@@ -69,6 +69,11 @@ def build_network(spec: EnvSpec, hidden: int, algo: str = "dqn", **options: Any)
     uint8 images, Atari's frame stacks and other image envs at their own size: ``conv_layers_for``;
     else a 2-layer MLP); for rainbow and iqn ``distributional.build_distributional_network`` with
     ``options`` (``config.net_options``) on the same torso."""
+    if algo in ("a3c", "nstep_q", "onestep_q", "onestep_sarsa"):  # config.ASYNC_ALGOS
+        from .asyncrl import build_async_network  # imports this module
+        if options:
+            raise ValueError(f"{algo}'s network takes no options, got {sorted(options)}")
+        return build_async_network(spec, hidden, algo)
     if algo != "dqn":
         from .distributional import build_distributional_network  # imports this module
         return build_distributional_network(spec, hidden, algo, **options)

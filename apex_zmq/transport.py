@@ -131,8 +131,9 @@ class Sockets:
             auth.curve_user_id = lambda key: ""
             self._auth = auth
 
-    def bind(self, kind: int, endpoint: str, hwm: int = 100) -> zmq.asyncio.Socket:
-        """A bound socket: a CURVE server with keys; without keys, loopback only unless insecure."""
+    def bind(self, kind: int, endpoint: str, hwm: int = 100, sync: bool = False) -> Any:
+        """A bound socket: a CURVE server with keys; without keys, loopback only unless insecure.
+        ``sync``: a blocking socket for one worker thread to own (as in ``connect``)."""
         if self.keys is None and not is_loopback(endpoint) and not self.insecure:
             raise SystemExit(f"refusing to bind {endpoint}: a non-loopback address needs CURVE keys "
                              "(--keys DIR, from `apex-zmq keys DIR`), or --insecure to accept "
@@ -140,7 +141,7 @@ class Sockets:
         if self.keys is not None:
             public, secret = self.keys.server_pair()
             self._start_auth()
-        s = self._make(kind, hwm)
+        s = self._make(kind, hwm, sync)
         if self.keys is not None:
             s.setsockopt(zmq.CURVE_SERVER, 1)
             s.setsockopt(zmq.CURVE_PUBLICKEY, public)

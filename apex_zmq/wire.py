@@ -33,6 +33,10 @@ MAX_EPISODES = 4096  # finished episodes in one telemetry report
 MAX_OBS_ELEMENTS = 1 << 24
 _OBS_DTYPES = ("uint8", "float32")
 _WEIGHT_DTYPES = ("float32", "float16", "int64")  # numpy has no bfloat16: np.dtype() would raise
+# Gradients: float32, or bfloat16 carried as its raw 16 bits (numpy has no bfloat16; the receiver views
+# them as torch.bfloat16). Names and shapes must be the learner's trainable parameters, in order.
+GRADIENT_DTYPES = ("float32", "bfloat16")
+MAX_GRADIENT_ELEMENTS = 1 << 28  # every array of one gradient message together (1 GiB of float32)
 
 
 class WireError(ValueError):
@@ -173,6 +177,25 @@ class Weights:
 
 
 @dataclass
+class Gradients:
+    """The gradient of one actor-learner's loss on its last t_max x K steps (actor-learner -> learner).
+
+    ``arrays`` are float32, or with ``dtype`` "bfloat16" uint16 arrays holding bfloat16 bit patterns.
+    """
+
+    sender: str
+    seq: int
+    version: int               # the weights version (learner updates) the gradient was computed at
+    names: list[str]
+    arrays: list[np.ndarray]
+    dtype: str = "float32"     # one of GRADIENT_DTYPES, for every array
+    incarnation: int = 0       # the learner process those weights came from
+    steps: int = 0             # agent steps (transitions) the gradient was computed on
+    loss: float = 0.0          # the loss at those weights (telemetry)
+    entropy: float = 0.0       # a3c: mean policy entropy over the steps (0 for the Q algorithms)
+
+
+@dataclass
 class Telemetry:
     """Heartbeat, counters and finished episodes of one role (every role -> evaluator)."""
 
@@ -226,7 +249,7 @@ def _encode_arrays(t: str, header: dict[str, Any], arrays: dict[str, Any]) -> li
     return frames
 
 
-def encode(msg: ExperienceChunk | SampleBatch | PriorityUpdate | Weights | Telemetry) -> list[Any]:
+def encode(msg: ExperienceChunk | SampleBatch | PriorityUpdate | Weights | Gradients | Telemetry) -> list[Any]:
     """Encode a message into multipart frames (large arrays are referenced, not copied)."""
     if isinstance(msg, ExperienceChunk):
         h = _header("experience", msg.sender, msg.seq, shape=list(msg.obs_shape), dtype=msg.obs_dtype)
@@ -244,6 +267,15 @@ def encode(msg: ExperienceChunk | SampleBatch | PriorityUpdate | Weights | Telem
         arrays = [np.asarray(a, dtype=np.asarray(a).dtype.newbyteorder("<"), order="C") for a in msg.arrays]
         h = _header("weights", msg.sender, msg.seq, version=int(msg.version), inc=int(msg.incarnation),
                     a=[[n, a.dtype.name, list(a.shape)] for n, a in zip(msg.names, arrays)])
+        return [msgpack.packb(h, use_bin_type=True)] + [a.data for a in arrays]
+    if isinstance(msg, Gradients):
+        if msg.dtype not in GRADIENT_DTYPES:
+            raise ValueError(f"gradient dtype {msg.dtype!r}, expected one of {GRADIENT_DTYPES}")
+        store = np.dtype("<f4") if msg.dtype == "float32" else np.dtype("<u2")
+        arrays = [np.asarray(a, order="C").astype(store, copy=False) for a in msg.arrays]
+        h = _header("gradients", msg.sender, msg.seq, version=int(msg.version), inc=int(msg.incarnation),
+                    dtype=msg.dtype, steps=int(msg.steps), loss=float(msg.loss), entropy=float(msg.entropy),
+                    a=[[n, list(a.shape)] for n, a in zip(msg.names, arrays)])
         return [msgpack.packb(h, use_bin_type=True)] + [a.data for a in arrays]
     if isinstance(msg, Telemetry):
         h = _header("telemetry", msg.sender, msg.seq, role=msg.role, time=float(msg.time),
@@ -397,6 +429,43 @@ def decode_weights(frames: Frames) -> Weights:
         names.append(name)
         arrays.append(np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape))
     return Weights(sender=h["s"], seq=h["q"], version=h["version"], names=names, arrays=arrays, incarnation=inc)
+
+
+def decode_gradients(frames: Frames) -> Gradients:
+    """Decode and validate a gradients message (every value finite); WireError if anything disagrees."""
+    h = _parse_header(frames, "gradients")
+    _need(_is_int(h.get("version")) and h["version"] >= 0,
+          f"gradient version must be an int >= 0, got {h.get('version')!r}")
+    inc = _incarnation(h)
+    dtype = h.get("dtype")
+    _need(dtype in GRADIENT_DTYPES, f"gradient dtype {dtype!r}, expected one of {GRADIENT_DTYPES}")
+    _need(_is_int(h.get("steps")) and h["steps"] >= 0, f"steps must be an int >= 0, got {h.get('steps')!r}")
+    for key in ("loss", "entropy"):
+        _need(isinstance(h.get(key), float) and math.isfinite(h[key]), f"{key} must be a finite float, "
+              f"got {h.get(key)!r}")
+    specs = h.get("a")
+    _need(isinstance(specs, list) and len(specs) >= 1 and len(specs) == len(frames) - 1,
+          "one array spec per frame expected")
+    store = np.dtype("<f4") if dtype == "float32" else np.dtype("<u2")
+    names, arrays, total = [], [], 0
+    for spec, frame in zip(specs, frames[1:]):
+        _need(isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and len(spec[0]) <= 256,
+              f"bad spec {spec!r:.100}")
+        name, shape = spec
+        _need(isinstance(shape, list) and len(shape) <= 8
+              and all(_is_int(d) and 0 <= d < 1 << 31 for d in shape), f"{name}: bad shape {shape!r:.100}")
+        total += math.prod(shape)
+        _need(total <= MAX_GRADIENT_ELEMENTS, f"gradients exceed {MAX_GRADIENT_ELEMENTS} elements")
+        buf = _buf(frame)
+        _need(len(buf) == math.prod(shape) * store.itemsize, f"{name}: size disagrees with shape")
+        a = np.frombuffer(buf, dtype=store).reshape(shape)
+        # A NaN or inf gradient would poison the shared parameters and RMSProp statistics for good.
+        finite = np.isfinite(a) if dtype == "float32" else (a & 0x7F80) != 0x7F80  # bf16: exponent all ones
+        _need(bool(np.all(finite)), f"{name}: non-finite gradient")
+        names.append(name)
+        arrays.append(a)
+    return Gradients(sender=h["s"], seq=h["q"], version=h["version"], names=names, arrays=arrays, dtype=dtype,
+                     incarnation=inc, steps=h["steps"], loss=h["loss"], entropy=h["entropy"])
 
 
 def decode_telemetry(frames: Frames) -> Telemetry:

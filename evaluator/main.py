@@ -64,7 +64,8 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
     started = time.time()
     monitor = RunMonitor(logger, num_slots=cfg.num_actors * cfg.envs_per_actor,
                          heartbeat_timeout=cfg.heartbeat_timeout, ladder_window=cfg.ladder_window,
-                         started=started, info={"env": cfg.env, "run_dir": str(Path(cfg.run_dir).resolve())})
+                         started=started, info={"env": cfg.env, "algo": cfg.algo,
+                                                   "run_dir": str(Path(cfg.run_dir).resolve())})
     # Before any socket: a refused dashboard address exits here, naming the flag to use.
     dashboard = Dashboard(lambda: monitor.state(time.time()), cfg.dashboard_host, cfg.insecure)
     socks = Sockets(cfg.insecure, cfg.keys)

@@ -137,7 +137,7 @@ def _valid_episode(e: dict[str, Any]) -> bool:
 class RunMonitor:
     """Latest metrics, chart series, the epsilon ladder, evaluations and heartbeats of every role."""
 
-    LEARNER_FIELDS = ("steps", "steps_per_s", "loss")
+    LEARNER_FIELDS = ("steps", "steps_per_s", "loss", "staleness", "entropy")  # the last two: asynchronous
     REPLAY_FIELDS = ("size", "inserted_per_s", "sampled_per_s", "updated_per_s")
     ACTOR_FIELDS = ("steps_per_s",)
 
@@ -289,11 +289,16 @@ class RunMonitor:
             eval_part += f" @{_count(ev['learner_steps'])}"
         loss = m.get("learner/loss")
         down = [s for s in sorted(self.heartbeats) if not self.is_up(s, now)]
-        return (f"[{_duration(now - self.started)}] {eval_part} | "
-                f"learner {_count(m.get('learner/steps', 0))} steps {m.get('learner/steps_per_s', 0):.0f}/s "
-                f"loss {'-' if loss is None else f'{loss:.3g}'} | "
-                f"replay {_count(m.get('replay/size', 0))} ({m.get('replay/fill', 0):.0%}) "
-                f"+{m.get('replay/inserted_per_s', 0):.0f}/s | "
+        if "learner/updates_per_s" in m:  # the asynchronous family: gradients, no replay
+            middle = (f"learner {_count(m.get('learner/steps', 0))} updates {m['learner/updates_per_s']:.0f}/s "
+                      f"loss {'-' if loss is None else f'{loss:.3g}'} staleness {m.get('learner/staleness', 0):.1f} "
+                      f"({_count(m.get('learner/stale_dropped', 0))} dropped) | ")
+        else:
+            middle = (f"learner {_count(m.get('learner/steps', 0))} steps {m.get('learner/steps_per_s', 0):.0f}/s "
+                      f"loss {'-' if loss is None else f'{loss:.3g}'} | "
+                      f"replay {_count(m.get('replay/size', 0))} ({m.get('replay/fill', 0):.0%}) "
+                      f"+{m.get('replay/inserted_per_s', 0):.0f}/s | ")
+        return (f"[{_duration(now - self.started)}] {eval_part} | " + middle +
                 f"actors {_count(self.actor_steps_per_s(now))} steps/s"
                 + (f" | DOWN: {', '.join(down)}" if down else ""))
 

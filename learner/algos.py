@@ -21,6 +21,7 @@ from apex_zmq.networks import build_network
 
 from .dqn import Batch, DQNLearner
 from .iqn import IQNLearner
+from .param_server import ParameterServer
 from .rainbow import RainbowLearner
 
 
@@ -69,8 +70,18 @@ def build_iqn(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, amp: bo
                       n_prime=cfg.iqn_n_prime, k=cfg.iqn_k, kappa=cfg.kappa)
 
 
+def build_async(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, amp: bool,
+                channels_last: bool) -> LearningRule:
+    """The asynchronous family's parameter server (Mnih et al. 2016): gradients from the actor-learners
+    applied with one shared RMSProp; the rule's loss is computed by the actor-learners."""
+    return ParameterServer(_network(spec, cfg, device, channels_last), lr=cfg.lr, alpha=cfg.rmsprop_alpha,
+                           eps=cfg.rmsprop_eps, grad_clip=cfg.grad_clip, target_update=cfg.target_update,
+                           max_staleness=cfg.max_staleness)
+
+
 RuleFactory = Callable[[EnvSpec, C.LearnerConfig, torch.device, bool, bool], LearningRule]
-RULES: dict[str, RuleFactory] = {"dqn": build_dqn, "rainbow": build_rainbow, "iqn": build_iqn}
+RULES: dict[str, RuleFactory] = {"dqn": build_dqn, "rainbow": build_rainbow, "iqn": build_iqn,
+                                 **{name: build_async for name in C.ASYNC_ALGOS}}
 
 
 def make_rule(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, amp: bool = False,

@@ -102,6 +102,10 @@ async def main_async(cfg: C.LearnerConfig) -> None:
     core = LearnerCore(cfg)
     if core.resumed_from >= 0:
         print(f"learner: resumed from {core.ckpt_path} at step {core.resumed_from}", flush=True)
+    if C.is_async(cfg):  # the parameter server of the asynchronous family: no replay, gradients in
+        from .param_server import serve
+        await serve(cfg, core)
+        return
     socks = Sockets(cfg.insecure, cfg.keys)
     # Each loader thread owns a PULL socket (the replay deals batches to them in turn): a batch goes
     # from ZeroMQ to the thread that decodes it with no hop through the event loop.

@@ -50,6 +50,10 @@ DISC = [GAMMA ** 2, 0.0]
 WEIGHT_NAMES = ["advantage.2.weight", "advantage.2.bias"]
 WEIGHT_ARRAYS = [np.array([[0.5, -0.25, 0.125], [-1.0, 2.0, 0.0625]], dtype=np.float32),
                  np.array([0.01, -0.02], dtype=np.float32)]
+# A gradient of two parameters computed at weights version 248 of LEARNER_INC on 40 agent steps.
+GRADIENT_NAMES = ["policy.weight", "policy.bias"]
+GRADIENT_ARRAYS = [np.array([[0.5, -0.25, 0.125], [-1.0, 2.0, 0.0625]], dtype=np.float32),
+                   np.array([0.01, -0.02], dtype=np.float32)]
 EPISODE = {"slot": 3, "epsilon": 0.0164, "return": 21.0, "clipped_return": 21.0, "length": 21}
 
 
@@ -70,6 +74,9 @@ def examples() -> dict[str, Any]:
                                           incarnation=REPLAY_INC, remove=i64([12])),
         "weights": wire.Weights(sender="learner", seq=250, version=250, names=list(WEIGHT_NAMES),
                                 arrays=list(WEIGHT_ARRAYS), incarnation=LEARNER_INC),
+        "gradients": wire.Gradients(sender="actor-0", seq=9, version=248, names=list(GRADIENT_NAMES),
+                                    arrays=list(GRADIENT_ARRAYS), dtype="float32", incarnation=LEARNER_INC,
+                                    steps=40, loss=0.75, entropy=0.6875),
         "telemetry": wire.Telemetry(sender="actor-0", seq=17, role="actor", time=1700000000.25,
                                     metrics={"actor/agent_steps": 640, "actor/weights_version": 250},
                                     episodes=[dict(EPISODE)]),
@@ -130,7 +137,7 @@ def wire_message_types() -> set[str]:
     return decoders
 
 
-TYPES = ["experience", "sample", "priorities", "weights", "telemetry"]
+TYPES = ["experience", "sample", "priorities", "weights", "gradients", "telemetry"]
 
 
 def test_every_message_type_has_one_example() -> None:
@@ -202,6 +209,16 @@ def test_weights_example_decodes_to_the_stated_values() -> None:
         np.testing.assert_array_equal(got, want)
 
 
+def test_gradients_example_decodes_to_the_stated_values() -> None:
+    g = wire.decode_gradients(doc_frames("gradients"))
+    assert (g.sender, g.seq, g.version, g.incarnation, g.dtype) == ("actor-0", 9, 248, LEARNER_INC, "float32")
+    assert (g.steps, g.loss, g.entropy) == (40, 0.75, 0.6875)
+    assert g.names == GRADIENT_NAMES
+    for got, want in zip(g.arrays, GRADIENT_ARRAYS, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
 def test_telemetry_example_decodes_to_the_stated_values() -> None:
     t = wire.decode_telemetry(doc_frames("telemetry"))
     assert (t.sender, t.seq, t.role, t.time) == ("actor-0", 17, "actor", 1700000000.25)
@@ -224,7 +241,7 @@ def code_constants() -> dict[str, int]:
     """The numbers the ```constants``` block must state, from the code."""
     out = {name: getattr(wire, name) for name in
            ("SCHEMA_VERSION", "MAX_HEADER_BYTES", "MAX_ARRAYS", "MAX_EPISODES", "MAX_OBS_ELEMENTS",
-            "MAX_INCARNATION")}
+            "MAX_INCARNATION", "MAX_GRADIENT_ELEMENTS")}
     out["MAX_MESSAGE_BYTES"] = transport.MAX_MESSAGE_BYTES
     out.update({f"PORT_{name.upper()}": port for name, port in config.DEFAULT_PORTS.items()})
     out["PORT_RELAY"] = config.RELAY_PORT
@@ -257,7 +274,7 @@ def test_every_wire_field_and_limit_is_named_in_the_doc() -> None:
     for t, schema in wire._SCHEMAS.items():
         for name, dtype in schema.items():
             assert f"`{name}`" in text and dtype in text, (t, name)
-    for word in (*wire.EPISODE_KEYS, *wire.ROLES, *wire._OBS_DTYPES, *wire._WEIGHT_DTYPES):
+    for word in (*wire.EPISODE_KEYS, *wire.ROLES, *wire._OBS_DTYPES, *wire._WEIGHT_DTYPES, *wire.GRADIENT_DTYPES):
         assert f"`{word}`" in text, word
 
 

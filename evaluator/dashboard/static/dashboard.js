@@ -45,6 +45,10 @@
     line("inserted/s", "#1a7f37", {scale: "rate"}), line("sampled/s", "#d4761c", {scale: "rate"}),
     line("updated/s", "#8250df", {scale: "rate"})],
     {axes: [{}, yAxis({label: "transitions"}), yAxis({scale: "rate", side: 1, label: "per s", grid: {show: false}})]});
+  makeChart("chart-gradients", [{label: "time"}, line("staleness", "#1f6feb"),
+    line("entropy", "#d4761c", {scale: "entropy"})],
+    {axes: [{}, yAxis({label: "updates behind"}), yAxis({scale: "entropy", side: 1, label: "policy entropy",
+     grid: {show: false}})]});
   makeChart("chart-actor", [{label: "time"}, line("env steps/s", "#1f6feb")], {axes: [{}, yAxis({label: "steps/s"})]});
 
   window.addEventListener("resize", () => {
@@ -136,7 +140,19 @@
     // actor.main.EXPLORATION_CODES: with noisy layers alone every slot acts greedily (epsilon 0).
     const exploration = m["actor/exploration"];
     setText("actor-exploration", exploration == null ? "-" :
-            (["epsilon ladder", "noisy layers (epsilon 0)", "epsilon ladder + noisy layers"][exploration] || "?"));
+            (["epsilon ladder", "noisy layers (epsilon 0)", "epsilon ladder + noisy layers",
+              "sampled from the policy (epsilon 0)", "epsilon annealed from 1 to 0.1 / 0.01 / 0.5"][exploration] || "?"));
+    // The asynchronous family (no replay server): gradient updates instead of replay figures.
+    const isAsync = m["learner/updates_per_s"] != null;
+    $("card-gradients").hidden = $("chart-box-gradients").hidden = !isAsync;
+    $("card-replay").hidden = $("chart-box-replay").hidden = isAsync;
+    setText("algo", s.algo || "-");
+    setText("learner-updates-per-s", fmtRate(m["learner/updates_per_s"]));
+    setText("learner-staleness", fmtSig(m["learner/staleness"]));
+    setText("learner-staleness-max", fmtInt(m["learner/staleness_max"]));
+    setText("learner-stale-dropped", fmtInt(m["learner/stale_dropped"]));
+    setText("learner-entropy", fmtSig(m["learner/entropy"]));
+    setText("actor-epsilon-mean", fmtSig(m["actor/epsilon_mean"]));
     const agree = m["actor/acting_agreement"];
     setText("actor-agreement", agree == null ? "-" : `${(100 * agree).toFixed(0)}%`);
 
@@ -150,6 +166,7 @@
     charts["chart-learner"].setData([L.t, L.steps_per_s, L.loss]);
     charts["chart-replay"].setData([R.t, R.size, R.inserted_per_s, R.sampled_per_s, R.updated_per_s]);
     charts["chart-actor"].setData([A.t, A.steps_per_s]);
+    if (isAsync) charts["chart-gradients"].setData([L.t, L.staleness, L.entropy]);
   }
 
   async function poll() {

@@ -15,7 +15,7 @@ from apex_zmq.launch import role_module
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port_base(count: int = 5) -> int:
+def free_port_base(count: int = 7) -> int:
     """A port p such that p..p+count-1 are all free on loopback right now."""
     for _ in range(200):
         with socket.socket() as s:

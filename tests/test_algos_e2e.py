@@ -60,9 +60,9 @@ def _metric_max(run_dir: Path, tag: str) -> float:
                default=float("-inf"))
 
 
-def _launch(run_dir: Path, log: Path, *flags: str) -> subprocess.Popen:
+def _launch(run_dir: Path, log: Path, *flags: str, port_base: int = 0) -> subprocess.Popen:
     argv = [sys.executable, "-m", "apex_zmq.launch", "--run-dir", str(run_dir), "--port-base",
-            str(free_port_base()), "--dashboard-port", "0", *flags]
+            str(port_base or free_port_base()), "--dashboard-port", "0", *flags]
     with open(log, "wb") as f:  # the launcher keeps its own copy of the descriptor
         return subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

@@ -9,8 +9,10 @@ infinite / negative values (priorities, returns, discounts, importance weights),
 disagree, and for telemetry bad roles, times, metrics and episodes.
 
 ``test_every_mutant_is_rejected_in_process`` runs every mutant through the handlers the roles run
-(``ReplayService.on_experience`` / ``on_priorities``, ``RunMonitor.on_telemetry``) and through
-``decode_weights`` / ``decode_sample``: each must be rejected and counted, never raise.
+(``ReplayService.on_experience`` / ``on_priorities``, ``RunMonitor.on_telemetry``, the parameter
+server's ``decode_gradients`` + ``ParameterServer.apply``) and through ``decode_weights`` /
+``decode_sample``: each must be rejected and counted, never raise. (The live learner's gradients
+socket is fuzzed in ``tests/test_async_e2e.py``, during an A3C run that must still learn.)
 
 ``test_live_roles_survive_fuzzing`` sends 10,000 mutants into a live CartPole run (replay server,
 learner, evaluator, actor) over loopback, to every socket a rogue peer can reach with a message: the
@@ -45,15 +47,21 @@ import zmq
 from conftest import endpoint_flags, start_role, stop_all
 
 from apex_zmq import wire
+from apex_zmq.asyncrl import trainable
 from apex_zmq.config import ReplayConfig, loopback_endpoints
+from apex_zmq.envs import EnvSpec
 from apex_zmq.logger import Logger
 from apex_zmq.transport import MAX_MESSAGE_BYTES
 from evaluator.main import RunMonitor
+from apex_zmq.networks import build_network
 from learner.dqn import batch_from_sample
+from learner.param_server import ParameterServer
 from replay_server.main import ReplayService
 
 SEED = 20240611
 OBS_SHAPE, NUM_ACTIONS = (4,), 2  # CartPole-v1
+# The parameter server's network in the gradients handler: CartPole's a3c network, 8 hidden units.
+GRADIENT_NET = build_network(EnvSpec("CartPole-v1", OBS_SHAPE, "float32", NUM_ACTIONS, False), 8, "a3c")
 LIVE_COUNTS = {"experience": 4000, "priorities": 3000, "telemetry": 3000}  # 10,000 in all
 
 Frames = list[bytes]
@@ -92,6 +100,14 @@ def valid(kind: str, rng: np.random.Generator) -> Frames:
                   np.array(3, dtype=np.int64)]
         return _bytes(wire.encode(wire.Weights(sender="learner", seq=1, version=int(rng.integers(1000)),
                                                names=["w", "b", "steps"], arrays=arrays)))
+    if kind == "gradients":  # for GRADIENT_NET, at version 0 (the handler's server takes any staleness)
+        dtype = ["float32", "bfloat16"][int(rng.integers(2))]
+        arrays = [rng.standard_normal(tuple(p.shape)).astype(np.float32) for _, p in trainable(GRADIENT_NET)]
+        if dtype == "bfloat16":
+            arrays = [(a.view(np.uint32) >> 16).astype(np.uint16) for a in arrays]
+        return _bytes(wire.encode(wire.Gradients(sender="actor-0", seq=1, version=0, dtype=dtype, steps=40,
+                                                 names=[n for n, _ in trainable(GRADIENT_NET)], arrays=arrays,
+                                                 loss=float(rng.random()), entropy=0.5)))
     if kind == "telemetry":
         return _bytes(wire.encode(wire.Telemetry(
             sender="actor-0", seq=1, role="actor", time=time.time(),
@@ -173,7 +189,7 @@ SEQ = _edit("q", [-1, "3", 1.5, None, True, [1], _DELETE])
 
 
 def wrong_type(kind: str) -> Callable[[np.random.Generator, Frames], Frames]:
-    others = ["experience", "sample", "priorities", "weights", "telemetry"]
+    others = ["experience", "sample", "priorities", "weights", "gradients", "telemetry"]
     others.remove(kind)
     return _edit("t", [*others, "", None, 7, kind.upper(), [kind], _DELETE])
 
@@ -354,6 +370,80 @@ def weights_specs(rng: np.random.Generator, frames: Frames) -> Frames:
     return _with_header(frames, h)
 
 
+def gradient_fields(rng: np.random.Generator, frames: Frames) -> Frames:
+    """Header fields of a gradients message with the wrong type or value."""
+    h = _header(frames)
+    edits: list[tuple[str, object]] = [
+        ("version", -1), ("version", 1.5), ("version", None), ("version", "0"), ("version", True),
+        ("inc", -1), ("inc", 2 ** 53), ("inc", None), ("dtype", "float16"), ("dtype", "<f4"), ("dtype", None),
+        ("steps", -1), ("steps", 2.5), ("loss", 1), ("loss", float("nan")), ("loss", float("inf")), ("loss", None),
+        ("entropy", "0"), ("entropy", float("-inf")), ("a", []), ("a", None), ("a", {"w": 1}),
+    ]
+    k, v = edits[int(rng.integers(len(edits)))]
+    if v is None and rng.random() < 0.5:
+        h.pop(k, None)
+    else:
+        h[k] = v
+    return _with_header(frames, h)
+
+
+def gradient_specs(rng: np.random.Generator, frames: Frames) -> Frames:
+    """Array specs that disagree with the frames, or are not specs at all."""
+    h = _header(frames)
+    spec = h["a"][int(rng.integers(len(h["a"])))]
+    choice = int(rng.integers(7))
+    if choice == 0:
+        spec[1] = [[-1], [2 ** 31], [1] * 9, "4", [4.0], None, [2 ** 15, 2 ** 15, 2 ** 15]][int(rng.integers(7))]
+    elif choice == 1:
+        spec[1] = [d + 1 for d in spec[1]] or [2]   # size disagrees with the frame
+    elif choice == 2:
+        spec[0] = [17, None, "x" * 300][int(rng.integers(3))]
+    elif choice == 3:
+        h["a"] = h["a"][:-1]                        # one spec fewer than frames
+    elif choice == 4:
+        h["a"] = [*h["a"], ["x", [1]]]              # one spec more than frames
+    elif choice == 5:
+        spec.append("float32")                      # the weights' spec form
+    else:
+        h["dtype"] = "bfloat16" if h["dtype"] == "float32" else "float32"  # frames of the other width
+    return _with_header(frames, h)
+
+
+def gradient_values(rng: np.random.Generator, frames: Frames) -> Frames:
+    """A NaN or infinite value in one array (float32, or the bfloat16 bit pattern of one)."""
+    h = _header(frames)
+    out = list(frames)
+    i = 1 + int(rng.integers(len(out) - 1))
+    bad = np.array([[np.nan, np.inf, -np.inf][int(rng.integers(3))]], np.float32)
+    if h["dtype"] == "float32":
+        a = np.frombuffer(out[i], np.float32).copy()
+        a[int(rng.integers(len(a)))] = bad[0]
+    else:
+        a = np.frombuffer(out[i], np.uint16).copy()
+        a[int(rng.integers(len(a)))] = bad.view(np.uint32)[0] >> 16
+    out[i] = a.tobytes()
+    return out
+
+
+def gradient_network(rng: np.random.Generator, frames: Frames) -> Frames:
+    """Well-formed gradients of another network: renamed, reordered, reshaped or an array missing."""
+    g = wire.decode_gradients(frames)
+    names, arrays = list(g.names), [np.array(a) for a in g.arrays]
+    choice = int(rng.integers(4))
+    if choice == 0:
+        names[int(rng.integers(len(names)))] = "advantage.2.weight"
+    elif choice == 1:
+        names[0], names[1] = names[1], names[0]
+    elif choice == 2:
+        i = int(rng.integers(len(arrays)))
+        arrays[i] = np.concatenate([arrays[i].reshape(-1), arrays[i].reshape(-1)[:1]])
+    else:
+        i = int(rng.integers(len(arrays)))
+        del names[i], arrays[i]
+    return _bytes(wire.encode(wire.Gradients(sender=g.sender, seq=g.seq, version=g.version, names=names,
+                                             arrays=arrays, dtype=g.dtype, steps=g.steps, loss=g.loss)))
+
+
 Mutation = Callable[[np.random.Generator, Frames], Frames]
 
 
@@ -372,6 +462,8 @@ def families(kind: str) -> dict[str, Mutation]:
         f.update(fields=telemetry_fields)
     if kind == "weights":
         f.update(specs=weights_specs)
+    if kind == "gradients":
+        f.update(fields=gradient_fields, specs=gradient_specs, values=gradient_values, network=gradient_network)
     return f
 
 
@@ -402,6 +494,9 @@ class Handlers:
         self.replay = ReplayService(ReplayConfig(env="CartPole-v1", capacity=4096, batch_size=64, min_size=64))
         self.logger = Logger(tmp, tensorboard=False)
         self.monitor = RunMonitor(self.logger)
+        # The learner of the asynchronous family: any staleness taken, so only the mutation can refuse.
+        self.server = ParameterServer(GRADIENT_NET, lr=1e-4, alpha=0.99, eps=1e-5, grad_clip=40.0, target_update=100,
+                                      max_staleness=10 ** 9)
 
     def accept(self, kind: str, frames: Frames) -> bool:
         if kind == "experience":
@@ -413,6 +508,8 @@ class Handlers:
             self.monitor.on_telemetry(frames)
             return self.monitor.rejected == before
         try:
+            if kind == "gradients":  # what the parameter server's applying thread runs
+                return self.server.apply(wire.decode_gradients(frames)) == "applied"
             if kind == "weights":
                 wire.decode_weights(frames)
             else:  # what the learner's loader threads run on a sample batch
@@ -423,7 +520,7 @@ class Handlers:
         return True
 
 
-KINDS = ("experience", "priorities", "telemetry", "weights", "sample")
+KINDS = ("experience", "priorities", "telemetry", "weights", "sample", "gradients")
 
 
 def test_every_mutant_is_rejected_in_process(tmp_path: Path) -> None:
@@ -445,6 +542,7 @@ def test_every_mutant_is_rejected_in_process(tmp_path: Path) -> None:
     assert handlers.replay.counts["rejected_experience"] == 1500
     assert handlers.replay.counts["rejected_priorities"] == 1500
     assert handlers.monitor.rejected == 1500
+    assert handlers.server.stats.applied == 20 and handlers.server.stats.stale == 0  # the valid ones
     handlers.logger.close()
 
 

@@ -8,6 +8,10 @@ that was never authorized, and a client key revoked by deleting it from ``author
 experience and priorities and try to pull samples and subscribe to weights: the counters do not
 move and they receive nothing. A client with an authorized key then does all of it and gets through,
 so the test can tell the two apart.
+
+``test_only_authorized_clients_push_gradients`` does the same for the asynchronous family's learner:
+rogue clients push gradients that would be applied (the right weights version and incarnation) and
+nothing reaches it; an authorized client's gradient is applied.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zmq
 import zmq.asyncio
 from conftest import ROOT, free_port_base, start_role, stop_all
@@ -276,6 +281,90 @@ async def _scenario(keydir: Path, eps: dict[str, str], procs: dict[str, subproce
             await _nothing_arrives(socks["weights"], f"{name} weights SUB")
             await _nothing_arrives(socks["samples"], f"{name} samples PULL")
         assert await samples.poll(5000), "the authorized client stopped getting samples"
+    finally:
+        rogue_ctx.destroy(linger=0)
+        for c in clients:
+            c.close()
+        server.close()
+
+
+# --------------------------------------------------------------------------- the gradients socket
+
+
+def test_only_authorized_clients_push_gradients(tmp_path: Path) -> None:
+    """A learner of the asynchronous family with --keys: gradients from clients without an authorized
+    key never reach it (nothing applied, nothing even counted as rejected); an authorized client's
+    gradient, computed at the weights it received, is applied, and its malformed one counted."""
+    keydir = tmp_path / "keys"
+    K.create(keydir, clients=2)
+    (keydir / "authorized" / "client-2.key").unlink()  # revoked
+    eps = loopback_endpoints(free_port_base())
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = {"learner": start_role("learner", ["--env", "CartPole-v1", "--algo", "a3c", "--run-dir", str(tmp_path / "run"),
+                                               "--keys", str(keydir), "--weights", eps["weights"],
+                                               "--gradients", eps["gradients"], "--telemetry", eps["telemetry"],
+                                               "--weights-period", "0.2"], logs / "learner")}
+    try:
+        asyncio.run(_gradients_scenario(keydir, eps, procs, logs))
+    finally:
+        stop_all(list(procs.values()))
+    assert procs["learner"].returncode == 0, (logs / "learner").read_text()[-3000:]
+    assert (logs / "learner").read_text().count("refused a CURVE client with key") == 2
+
+
+async def _gradients_scenario(keydir: Path, eps: dict[str, str], procs: dict[str, subprocess.Popen],
+                              logs: Path) -> None:
+    from apex_zmq.asyncrl import gradient_arrays
+    from apex_zmq.envs import env_spec
+    from apex_zmq.networks import build_network, load_arrays
+
+    server = Sockets(keys=str(keydir))
+    rogue_ctx = zmq.asyncio.Context()
+    clients: list[Sockets] = []
+    try:
+        tel_sock = server.bind(zmq.SUB, eps["telemetry"], hwm=1000)
+        tel_sock.setsockopt(zmq.SUBSCRIBE, b"")
+        tel = Telemetry(tel_sock, procs, logs)
+        # The weights, from an authorized subscriber: version and incarnation a real gradient carries.
+        good = Sockets(keys=str(keydir / "clients" / "client-1"))
+        clients.append(good)
+        w = wire.decode_weights(await asyncio.wait_for(
+            good.connect(zmq.SUB, eps["weights"], hwm=2, subscribe=True).recv_multipart(), 30))
+        net = build_network(env_spec("CartPole-v1"), 64, "a3c")
+        load_arrays(net, w.names, w.arrays)
+        for p in net.parameters():
+            p.grad = torch.ones_like(p)
+        names, arrays = gradient_arrays(net)
+        gradient = wire.encode(wire.Gradients(sender="client", seq=1, version=w.version, names=names, arrays=arrays,
+                                              incarnation=w.incarnation, steps=8, loss=1.0))
+
+        revoked = Sockets(keys=str(keydir / "clients" / "client-2"))
+        clients.append(revoked)
+        server_public = K.KeyStore(keydir).server_public()
+        rogues = [_rogue_socket(rogue_ctx, zmq.PUSH, eps["gradients"], None),
+                  _rogue_socket(rogue_ctx, zmq.PUSH, eps["gradients"], (server_public, *zmq.curve_keypair())),
+                  revoked.connect(zmq.PUSH, eps["gradients"])]
+        for sock in rogues:
+            for _ in range(5):
+                await _try_send(sock, gradient)
+            await _try_send(sock, MALFORMED)
+        await asyncio.sleep(NO_TRAFFIC_S)
+        m = await tel.report("learner", time.time())
+        assert (m["learner/gradients_applied"], m["learner/rejected"], m["learner/stale_dropped"]) == (0, 0, 0), \
+            f"rogue gradients reached the learner: {m}"
+        assert m["learner/steps"] == w.version
+
+        push = good.connect(zmq.PUSH, eps["gradients"])
+        await push.send_multipart(gradient)
+        await push.send_multipart(MALFORMED)
+        deadline = time.monotonic() + 30
+        while True:
+            m = await tel.report("learner", time.time())
+            if m["learner/gradients_applied"] >= 1 and m["learner/rejected"] >= 1 or time.monotonic() > deadline:
+                break
+        assert (m["learner/gradients_applied"], m["learner/rejected"], m["learner/stale_dropped"]) == (1, 1, 0), m
+        assert m["learner/steps"] == w.version + 1
     finally:
         rogue_ctx.destroy(linger=0)
         for c in clients:

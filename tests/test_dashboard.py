@@ -628,3 +628,72 @@ def test_killed_actor_is_shown_down_after_the_timeout(live_run: LiveRun, page: A
     state = {h["sender"]: h for h in live_run.state()["heartbeats"]}
     assert not state["actor-0"]["up"] and state["actor-0"]["age_s"] > HEARTBEAT_TIMEOUT
     assert console_errors == []  # no script error or refused resource (CSP) all along
+
+
+# --------------------------------------------------------------------------- the asynchronous family
+
+ASYNC_FIGURES = ["learner-updates-per-s", "learner-staleness", "learner-staleness-max", "learner-stale-dropped",
+                 "learner-entropy", "actor-epsilon-mean", "actor-exploration", "algo"]
+
+
+@pytest.mark.parametrize("algo", ["a3c", "nstep_q"])
+def test_async_run_shows_gradients_instead_of_replay(tmp_path: Path, chromium: str, algo: str) -> None:
+    """An asynchronous run (evaluator, learner, one actor-learner; no replay server) in the browser: the
+    Gradients card shows the learner's updates/s, staleness and dropped count, A3C's policy entropy or the
+    actor-learners' mean epsilon, as /api/state has them; the Replay card and chart are hidden."""
+    from conftest import free_port_base
+    from playwright.sync_api import sync_playwright
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    common = ["--env", "CartPole-v1", "--algo", algo, "--run-dir", str(run_dir), "--num-actors", "1",
+              *endpoint_flags(free_port_base())]
+    procs = [start_role("evaluator", [*common, "--dashboard-port", "0", "--eval-period", "5"], logs / "evaluator.log"),
+             start_role("learner", common, logs / "learner.log"),
+             start_role("actor", [*common, "--actor-index", "0"], logs / "actor.log")]
+    read = """() => Object.fromEntries(%s.map(id => [id, document.getElementById(id).textContent]))""" % json.dumps(
+        ASYNC_FIGURES)
+    hidden = """() => Object.fromEntries(["card-gradients", "card-replay", "chart-box-gradients", "chart-box-replay"]
+        .map(id => [id, document.getElementById(id).hidden]))"""
+    try:
+        url_file = run_dir / "dashboard.url"
+        url = wait_for("dashboard.url", lambda: url_file.exists() and url_file.read_text().strip(), 120)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            pg = browser.new_page(viewport={"width": 1280, "height": 1400})
+            errors: list[str] = []
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.goto(url)
+            key = "learner/entropy" if algo == "a3c" else "actor/epsilon_mean"
+            wait_for("gradients on the page", lambda: pg.evaluate(read)["learner-updates-per-s"] not in ("-", "0.0")
+                     and pg.evaluate(read)["learner-staleness"] != "-", 120)
+            for p in procs[1:]:
+                os.kill(p.pid, signal.SIGSTOP)  # nothing reports while page and state are read
+            try:
+                time.sleep(0.3)
+                with urllib.request.urlopen(url + "api/state", timeout=10) as r:
+                    state = json.loads(r.read())
+                wait_for("the page's next poll", lambda: pg.evaluate(
+                    "() => window.apexDashboard.state && window.apexDashboard.state.now") > state["now"], 10, 0.1)
+                shown, flags = pg.evaluate(read), pg.evaluate(hidden)
+            finally:
+                for p in procs[1:]:
+                    os.kill(p.pid, signal.SIGCONT)
+            browser.close()
+        latest = state["latest"]
+        assert flags == {"card-gradients": False, "card-replay": True, "chart-box-gradients": False,
+                         "chart-box-replay": True}
+        assert shown["algo"] == algo
+        rate = latest["learner/updates_per_s"]
+        assert num(shown["learner-updates-per-s"]) == pytest.approx(rate, abs=0.5001 if rate >= 100 else 0.0501)
+        assert num(shown["learner-staleness"]) == pytest.approx(latest["learner/staleness"], rel=5e-3, abs=1e-9)
+        assert num(shown["learner-staleness-max"]) == latest["learner/staleness_max"]
+        assert num(shown["learner-stale-dropped"]) == latest["learner/stale_dropped"]
+        assert key in latest and num(shown[key.replace("/", "-").replace("_", "-")]) == pytest.approx(
+            latest[key], rel=5e-3)
+        assert shown["actor-exploration"] == ("sampled from the policy (epsilon 0)" if algo == "a3c"
+                                              else "epsilon annealed from 1 to 0.1 / 0.01 / 0.5")
+        assert errors == []
+    finally:
+        stop_all(procs)
+    for p in procs:
+        assert p.returncode == 0

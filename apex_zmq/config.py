@@ -276,7 +276,7 @@ ALGO_PRESETS: dict[str, dict[str, Any]] = {
 ASYNC_PRESETS: dict[str, dict[str, Any]] = {
     "classic": dict(lr=1e-3, t_max=5, envs_per_actor=8, weights_period=0.02, target_update=100,
                     eps_anneal_frames=20_000, max_staleness=32),
-    "atari": dict(lr=7e-4, t_max=5, envs_per_actor=16, weights_period=0.1, target_update=125,
+    "atari": dict(lr=7e-4, t_max=5, envs_per_actor=16, hidden=256, weights_period=0.1, target_update=125,
                   eps_anneal_frames=4_000_000, max_staleness=32),
 }
 

@@ -32,12 +32,27 @@ training (epsilon stays at 0.04) until the limit.
 
 The time to 195 (the first 10-episode evaluation with a mean >= 195, not confirmed) is printed too.
 
-    .venv/bin/python bench/cartpole_solve.py [--runs 3] [--target 475] [--limit 300] [--algo dqn[,rainbow,iqn]]
+    .venv/bin/python bench/cartpole_solve.py [--runs 3] [--target 475] [--limit 300]
+                                             [--algo dqn[,rainbow,iqn,a3c,nstep_q]] [--only ours|sb3]
 
-``--algo dqn,rainbow,iqn`` runs each of our learning rules (dqn always: it is the others' reference) and
-prints ``<algo>_solve_s=... dqn_solve_s=... ratio_to_dqn=...`` for rainbow and iqn.
-Other flags go to ./run.sh. Last line: ``cartpole_solve_s=<ours, dqn> sb3_solve_s=<theirs> ratio=<ours/theirs>``
-(medians).
+``--algo`` takes any mix of our learning rules: the Ape-X ones (dqn, rainbow, iqn) and the asynchronous
+family's a3c and nstep_q (Mnih et al. 2016: ``./run.sh --algo a3c`` runs evaluator, learner as parameter
+server and actor-learners, no replay server). dqn always runs too: it is the others' reference, measured
+in the same invocation, alternating with them. For each other rule it prints
+``<algo>_solve_s=... dqn_solve_s=... ratio_to_dqn=...`` (medians). The same confirmation applies to
+every rule: the bench builds the rule's network from the run's config.json
+(``networks.build_network(spec, hidden, algo)``; nstep_q's weights carry its target network next to the
+online one, ``QWithTarget``, and the whole message loads) and plays it greedily with the evaluator's
+function, which acts on ``networks.q_values``: the online Q network for nstep_q, the argmax of the
+policy logits for a3c (its most likely action).
+
+Targets (the issues'): rainbow and iqn <= 1.5x the dqn median and <= 90 s; a3c and nstep_q: median
+seconds to a confirmed eval mean >= 475 over 3 fresh runs <= 2x the dqn median of the same invocation:
+
+    .venv/bin/python bench/cartpole_solve.py --only ours --algo a3c,nstep_q --runs 3 --limit 300
+
+Other flags go to ./run.sh (for every rule of the invocation). Last line: ``cartpole_solve_s=<ours,
+dqn> sb3_solve_s=<theirs> ratio=<ours/theirs>`` (medians).
 """
 
 from __future__ import annotations
@@ -62,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, free_port_base, print_machine  # noqa: E402
 
 ENV = "CartPole-v1"
-ALGOS = ("dqn", "rainbow", "iqn")
+ALGOS = ("dqn", "rainbow", "iqn", "a3c", "nstep_q")  # replay (Ape-X) rules, then the asynchronous family's
 EVAL_EPISODES = 10
 CONFIRM_EPISODES = 100
 EVAL_PERIOD_S = 1.0
@@ -319,7 +334,7 @@ def main() -> None:
     ap.add_argument("--limit", type=float, default=300.0, help="seconds before a run counts as failed "
                                                              "(and counts as this many seconds)")
     ap.add_argument("--algo", default="dqn", help=f"our algorithms, comma-separated, of {list(ALGOS)}; SB3's "
-                                                  f"DQN is the anchor; rainbow and iqn are also compared "
+                                                  f"DQN is the anchor; every other rule is also compared "
                                                   f"with our dqn, which then runs too")
     ap.add_argument("--only", choices=("ours", "sb3"), help="run one side only (development)")
     ap.add_argument("--sb3-child", help=argparse.SUPPRESS)
@@ -329,12 +344,12 @@ def main() -> None:
     if args.sb3_child:
         sb3_child(args.target, args.limit, args.t0, args.seed, args.sb3_child)
         return
-    algos = [a.strip() for a in args.algo.split(",") if a.strip()]
+    algos = list(dict.fromkeys(a.strip() for a in args.algo.split(",") if a.strip()))  # in order, once each
     bad = [a for a in algos if a not in ALGOS]
     if bad or not algos:
         ap.error(f"--algo {args.algo!r}: allowed values are {', '.join(ALGOS)} (comma-separated)")
-    if args.only != "sb3" and "dqn" not in algos:
-        algos.insert(0, "dqn")  # the others' reference, measured in the same invocation
+    if args.only != "sb3":  # dqn first: the others' reference, measured in the same invocation
+        algos = ["dqn"] + [a for a in algos if a != "dqn"]
     if args.runs < 1 or args.limit <= 0:
         ap.error("--runs must be >= 1 and --limit > 0")
     print_machine()
@@ -362,7 +377,7 @@ def main() -> None:
               f"(runs {t}); to 195 (10-ep, unconfirmed) median {statistics.median(lows[side]):.1f} s (runs {lo})")
     med = {s: statistics.median(times[s]) for s in sides}
     low = {s: statistics.median(lows[s]) for s in sides}
-    for a in algos[1:]:  # rainbow and iqn against our dqn of the same invocation
+    for a in algos[1:] if "ours-dqn" in sides else []:  # every other rule against our dqn of the same invocation
         side = f"ours-{a}"
         print(f"{a}_solve_s={med[side]:.1f} dqn_solve_s={med['ours-dqn']:.1f} "
               f"ratio_to_dqn={med[side] / med['ours-dqn']:.2f} ({a}_195_s={low[side]:.1f})")

@@ -1,7 +1,8 @@
 """The asynchronous family end to end under ./run.sh's launcher (evaluator, learner as parameter server,
 actor-learners; no replay server): a3c and nstep_q learn CartPole to the 195 mark over separate
 processes, the learner's gradients socket is fuzzed during the a3c run (every malformed or foreign
-gradient dropped and counted, the run still learns), and a3c turns over a few hundred updates on Pong.
+gradient dropped and counted, the run still learns) and its learner is then killed (restarted by the
+supervisor, it resumes and takes gradients again), and a3c turns over a few hundred updates on Pong.
 
 Slow (each run about a minute on 2 busy cores): leave them out with ``--ignore=tests/test_async_e2e.py``.
 """
@@ -9,6 +10,7 @@ Slow (each run about a minute on 2 busy cores): leave them out with ``--ignore=t
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -48,11 +50,12 @@ def _wait(proc: subprocess.Popen, run_dir: Path, log: Path, what: str, done, tim
         time.sleep(0.5)
 
 
-def _check_roles(run_dir: Path, out: str, algo: str, exploration: str) -> None:
-    """No replay server, no restarts, no tracebacks; the actor-learner names its rule and exploration."""
+def _check_roles(run_dir: Path, out: str, algo: str, exploration: str, restarted: frozenset = frozenset()) -> None:
+    """No replay server, no restarts but those named, no tracebacks; the actor-learner names its rule and
+    exploration."""
     roles = json.loads((run_dir / "roles.json").read_text())
     assert set(roles) == {"evaluator", "learner", "actor-0"}, roles
-    assert all(r["restarts"] == 0 for r in roles.values()), f"{roles}\n{out[-3000:]}"
+    assert all(r["restarts"] == (name in restarted) for name, r in roles.items()), f"{roles}\n{out[-3000:]}"
     for log in (run_dir / "logs").glob("*.log"):
         assert "Traceback" not in log.read_text(errors="replace"), _role_logs(run_dir)
     text = (run_dir / "logs" / "actor-0.log").read_text(errors="replace")
@@ -70,11 +73,11 @@ def _best_plays(tmp_path: Path, run_dir: Path) -> None:
     assert len(returns) == 3 and sum(returns) / 3 >= 100, (returns, text)  # a wrongly loaded one falls in ~10 steps
 
 
-def test_a3c_reaches_195_while_its_gradients_socket_is_fuzzed(tmp_path: Path) -> None:
+def test_a3c_reaches_195_while_fuzzed_and_survives_a_learner_crash(tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
     base = free_port_base()
     proc = _launch(run_dir, log, "--env", "CartPole-v1", "--algo", "a3c", "--num-actors", "1",
-                   "--max-seconds", "240", port_base=base)
+                   "--max-seconds", "300", port_base=base)
     ctx = zmq.Context()
     try:
         _wait(proc, run_dir, log, "the first applied gradients",
@@ -90,20 +93,33 @@ def test_a3c_reaches_195_while_its_gradients_socket_is_fuzzed(tmp_path: Path) ->
               lambda: _metric_max(run_dir, "learner/rejected") >= FUZZED
               and max((float(r["mean"]) for r in _rows(run_dir / "eval.csv")), default=0) >= TARGET, 200)
         time.sleep(2.5)  # two more reports: nothing else gets counted
+        assert _metric_max(run_dir, "learner/rejected") == FUZZED
+        applied = _metric_max(run_dir, "learner/gradients_applied")
+        stale = _metric_max(run_dir, "learner/stale_dropped")
+        assert applied > 100 and stale <= 0.05 * applied, (applied, stale)
+
+        # The learner crashes: the supervisor restarts it, it resumes from its checkpoint as a new
+        # incarnation, the actor-learner takes its weights and its gradients are applied again.
+        learner_pid = json.loads((run_dir / "roles.json").read_text())["learner"]["pid"]
+        steps_before = _metric_max(run_dir, "learner/steps")
+        os.kill(learner_pid, signal.SIGKILL)
+        _wait(proc, run_dir, log, "the learner restarted and applying gradients again",
+              lambda: json.loads((run_dir / "roles.json").read_text())["learner"]["restarts"] == 1
+              and "resumed from" in (run_dir / "logs" / "learner.log").read_text(errors="replace")
+              and _metric_max(run_dir, "learner/steps") > steps_before + 50, 120)
     finally:
         ctx.destroy(linger=0)
         code = _stop(proc)
     out = log.read_text(errors="replace")
     assert code == 0 and "run.sh: stopped (interrupted)" in out, out[-3000:]
-    assert _metric_max(run_dir, "learner/rejected") == FUZZED
+    assert "learner exited with code" in out  # the one crash, and nothing else
     assert _metric_max(run_dir, "actor/rejected") <= 0
-    applied, stale = _metric_max(run_dir, "learner/gradients_applied"), _metric_max(run_dir, "learner/stale_dropped")
-    assert applied > 100 and stale <= 0.05 * applied, (applied, stale)
     assert 0 < _metric_max(run_dir, "learner/entropy") <= 0.6932  # log 2: CartPole's two actions
     evals = _rows(run_dir / "eval.csv")
     print(f"a3c: best eval {max(float(r['mean']) for r in evals):.1f}, {applied:.0f} gradients applied, "
-          f"{stale:.0f} stale, {FUZZED} fuzzed ones rejected")
-    _check_roles(run_dir, out, "a3c", "policy")
+          f"{stale:.0f} stale, {FUZZED} fuzzed ones rejected; learner steps {steps_before:.0f} before the crash, "
+          f"{_metric_max(run_dir, 'learner/steps'):.0f} at the end")
+    _check_roles(run_dir, out, "a3c", "policy", restarted={"learner"})
     _best_plays(tmp_path, run_dir)
 
 

@@ -274,7 +274,7 @@ ALGO_PRESETS: dict[str, dict[str, Any]] = {
 # network every 40,000 frames, which is 125 updates of 16 envs x 5 steps x 4 frames). Weights go out
 # often: an actor-learner computes each gradient at the newest weights it has (staleness).
 ASYNC_PRESETS: dict[str, dict[str, Any]] = {
-    "classic": dict(lr=1e-3, t_max=5, envs_per_actor=8, weights_period=0.02, target_update=100,
+    "classic": dict(lr=1e-3, t_max=5, envs_per_actor=8, weights_period=0.02, target_update=100, exploration="auto",
                     eps_anneal_frames=20_000, max_staleness=32),
     "atari": dict(lr=7e-4, t_max=5, envs_per_actor=16, hidden=256, weights_period=0.1, target_update=125,
                   eps_anneal_frames=4_000_000, max_staleness=32),
@@ -535,8 +535,9 @@ def validate(cfg: Any) -> None:
         need(cfg.eps_anneal_frames >= 0, "eps_anneal_frames", f"must be >= 0, got {cfg.eps_anneal_frames}")
         need(cfg.entropy_beta >= 0, "entropy_beta", f"must be >= 0, got {cfg.entropy_beta}")
         need(cfg.value_coef >= 0, "value_coef", f"must be >= 0, got {cfg.value_coef}")
-        need(cfg.exploration in ("auto", "ladder"), "exploration",
-             f"--algo {cfg.algo} explores as Mnih et al. 2016 do (auto), got {cfg.exploration}")
+        need(cfg.exploration == "auto", "exploration",
+             f"--algo {cfg.algo} explores as Mnih et al. 2016 do (auto: a3c samples its policy, the Q "
+             f"algorithms anneal each env slot's epsilon), got {cfg.exploration}")
     if isinstance(cfg, LearnerConfig) and is_async(cfg):
         need(cfg.max_staleness >= 0, "max_staleness", f"must be >= 0, got {cfg.max_staleness}")
         need(0 <= cfg.rmsprop_alpha < 1, "rmsprop_alpha", f"must be in [0, 1), got {cfg.rmsprop_alpha}")

@@ -325,11 +325,29 @@ def test_save_overwrites(tmp_path):
     (ActorConfig, "actor", ["--actor-index", "-1"], "--actor-index"),
     (ActorConfig, "actor", ["--chunk-steps", "0"], "--chunk-steps"),
     (EvaluatorConfig, "evaluator", ["--num-actors", "-1"], "--num-actors"),
+    (ActorConfig, "actor", ["--algo", "a3c", "--t-max", "0"], "--t-max"),
+    (ActorConfig, "actor", ["--algo", "nstep_q", "--eps-anneal-frames", "-1"], "--eps-anneal-frames"),
+    (ActorConfig, "actor", ["--algo", "a3c", "--entropy-beta", "-0.1"], "--entropy-beta"),
+    (ActorConfig, "actor", ["--algo", "a3c", "--exploration", "ladder"], "--exploration"),
+    (LearnerConfig, "learner", ["--algo", "a3c", "--max-staleness", "-1"], "--max-staleness"),
+    (LearnerConfig, "learner", ["--algo", "a3c", "--rmsprop-alpha", "1"], "--rmsprop-alpha"),
+    (LearnerConfig, "learner", ["--algo", "onestep_q", "--rmsprop-eps", "0"], "--rmsprop-eps"),
+    (LearnerConfig, "learner", ["--algo", "onestep_sarsa", "--noisy", "on"], "--noisy"),
+    (LearnerConfig, "learner", ["--algo", "a3c", "--preset", "rainbow"], "--preset"),
 ])
 def test_validate_errors_name_the_flag(cls, role, argv, flag):
     with pytest.raises(SystemExit) as e:
         C.parse(cls, argv, role)
     assert exit_message(e).startswith(flag + ":")
+
+
+def test_asynchronous_family_gets_its_presets_over_the_envs():
+    cart = C.parse(LaunchConfig, ["--env", "CartPole-v1", "--algo", "a3c"], "run")
+    assert (cart.lr, cart.t_max, cart.envs_per_actor, cart.weights_period, cart.hidden) == (1e-3, 5, 8, 0.02, 64)
+    pong = C.parse(LaunchConfig, ["--env", "ALE/Pong-v5", "--algo", "nstep_q", "--lr", "3e-4"], "run")
+    assert (pong.lr, pong.hidden, pong.envs_per_actor, pong.target_update) == (3e-4, 256, 16, 125)  # a flag wins
+    dqn = C.parse(LaunchConfig, ["--env", "ALE/Pong-v5"], "run")
+    assert (dqn.hidden, dqn.envs_per_actor, dqn.weights_period) == (512, 32, 2.0)  # Ape-X's untouched
 
 
 def test_validate_accepts_the_boundaries():
@@ -350,5 +368,6 @@ def test_loopback_endpoints_and_port_base():
     eps = C.loopback_endpoints(7000)
     assert list(eps) == list(C.DEFAULT_PORTS)
     assert eps["experience"] == "tcp://127.0.0.1:7000" and eps["telemetry"] == "tcp://127.0.0.1:7004"
+    assert eps["gradients"] == "tcp://127.0.0.1:7006"  # as 5557 is to 5551: base + 5 is the relay's
     cfg = C.parse(ReplayConfig, [], "replay_server")
     assert cfg.experience == C.endpoint(C.LOOPBACK, C.DEFAULT_PORTS["experience"])

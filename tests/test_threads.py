@@ -59,3 +59,19 @@ def test_launcher_gives_every_role_its_budget(tmp_path: Path) -> None:
         assert r.argv[-2:] == ["--torch-threads", want], r.name  # after --config: the budget wins
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             assert r.env[var] == want, (r.name, var)
+
+
+@pytest.mark.parametrize("env,atari", [("CartPole-v1", False), ("ALE/Pong-v5", True)])
+def test_asynchronous_family_has_no_replay_server_and_a_one_thread_learner(tmp_path: Path, env: str,
+                                                                           atari: bool) -> None:
+    """The learner only applies gradients (one thread, no loaders); the replay server's core goes to one
+    more actor-learner, which steps its K envs as one group."""
+    cfg = _cfg(tmp_path, "--env", env, "--algo", "a3c")
+    assert cfg.num_actors == max(1, (os.cpu_count() or 1) - 1)
+    cfg.num_actors = 15
+    b = plan_budgets(cfg, 16, False)
+    assert b["learner"] == RoleBudget(1.0, 1, 1 + 2)
+    assert b["actor"] == RoleBudget(1.0, 1, 1 + (1 if atari else 0) + 2)
+    roles = build_roles(cfg, tmp_path / "config.json", cores=16, learner_on_gpu=False)
+    assert [r.name for r in roles] == ["evaluator", "learner"] + [f"actor-{i}" for i in range(15)]
+    assert all(r.argv[-2:] == ["--torch-threads", "1"] for r in roles)

@@ -16,7 +16,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import zmq
 from conftest import free_port_base
 from test_algos_e2e import _launch, _metric_max, _play, _role_logs, _rows
@@ -154,8 +153,8 @@ def test_a3c_atari_smoke(tmp_path: Path) -> None:
                    "--weights-period", "0.2", "--max-seconds", "400")
     try:
         _wait(proc, run_dir, log, f"{UPDATES} updates, weights at the actor-learner, an evaluation",
-              lambda: _metric_max(run_dir, "learner/steps") >= UPDATES and _metric_max(run_dir, "actor/weights_version") > 0
-              and bool(_rows(run_dir / "eval.csv")), 420)
+              lambda: _metric_max(run_dir, "learner/steps") >= UPDATES
+              and _metric_max(run_dir, "actor/weights_version") > 0 and bool(_rows(run_dir / "eval.csv")), 420)
     finally:
         code = _stop(proc)
     out = log.read_text(errors="replace")

@@ -279,7 +279,8 @@ def test_server_equals_a_plain_optimizer_given_the_same_gradients(dtype: str) ->
     opt = torch.optim.RMSprop(reference.parameters(), lr=1e-2, alpha=0.99, eps=1e-5)
     for g in _grad_msgs(net, 30, seed=6, dtype=dtype):
         g.version = server.steps - 1 if server.steps else 0  # one update old: applied
-        assert server.apply(wire.decode_gradients([bytes(memoryview(f).cast("B")) for f in wire.encode(g)])) == "applied"
+        frames = [bytes(memoryview(f).cast("B")) for f in wire.encode(g)]
+        assert server.apply(wire.decode_gradients(frames)) == "applied"
         for p, t in zip(reference.parameters(), gradient_tensors(g.arrays, dtype)):
             p.grad = t.clone()
         torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)

@@ -301,7 +301,8 @@ def test_only_authorized_clients_push_gradients(tmp_path: Path) -> None:
     eps = loopback_endpoints(free_port_base())
     logs = tmp_path / "logs"
     logs.mkdir()
-    procs = {"learner": start_role("learner", ["--env", "CartPole-v1", "--algo", "a3c", "--run-dir", str(tmp_path / "run"),
+    procs = {"learner": start_role("learner", ["--env", "CartPole-v1", "--algo", "a3c",
+                                               "--run-dir", str(tmp_path / "run"),
                                                "--keys", str(keydir), "--weights", eps["weights"],
                                                "--gradients", eps["gradients"], "--telemetry", eps["telemetry"],
                                                "--weights-period", "0.2"], logs / "learner")}

@@ -1,5 +1,9 @@
 """deploy/: the EC2 stack (linted, then created in moto and read back), its host helper, the Slurm script.
 
+Both launch paths are checked for both layouts: Ape-X (dqn, rainbow, iqn: a replay server beside the
+learner, actors push experience) and the asynchronous family (config.ASYNC_ALGOS: no replay server,
+actor-learners push gradients to the learner).
+
 The role command lines found in the stack's user data and in the Slurm script's dry run are parsed
 with the project's own configuration parser, so a flag that a role does not take, a bad value or an
 actor index outside the ladder fails here rather than on a cluster.
@@ -11,6 +15,7 @@ import ast
 import base64
 import datetime
 import fnmatch
+import functools
 import getpass
 import importlib.util
 import os
@@ -53,6 +58,15 @@ ENDPOINTS = {
     "evaluator": {"telemetry": "evaluator", "weights": "learner"},
     "actor": {"experience": "learner", "weights": "learner", "telemetry": "evaluator"},
 }
+# The asynchronous family: no replay server; the learner binds gradients (and weights), which the
+# actor-learners connect to. The evaluator's are as above.
+ASYNC_ENDPOINTS = {
+    "learner": {"gradients": "learner", "weights": "learner", "telemetry": "evaluator"},
+    "evaluator": ENDPOINTS["evaluator"],
+    "actor": {"gradients": "learner", "weights": "learner", "telemetry": "evaluator"},
+}
+# The ports the security group opens as one range in each layout (the gradients port is apart).
+APEX_PORTS = {k: v for k, v in C.DEFAULT_PORTS.items() if k != "gradients"}
 
 
 def _load_host_py():
@@ -85,19 +99,21 @@ def flags_of(argv: list[str]) -> dict[str, str]:
 
 
 def check_role_command(argv: list[str], hosts: dict[str, str], keys_dir: str,
-                       dashboard_host: str) -> tuple[str, dict[str, str]]:
+                       dashboard_host: str, endpoints: dict = ENDPOINTS) -> tuple[str, dict[str, str]]:
     """Check one ``apex-zmq <role> ...`` command line; returns the role and its flags.
 
     ``hosts`` maps "learner"/"evaluator" to the address that role's endpoints must point at;
-    ``dashboard_host`` is where the evaluator's dashboard must listen.
+    ``dashboard_host`` is where the evaluator's dashboard must listen; ``endpoints`` is the layout
+    (``ENDPOINTS``, or ``ASYNC_ENDPOINTS``, which must then be the role's --algo family).
     """
     assert Path(argv[0]).name == "apex-zmq", argv
     role = argv[1]
     assert role in C.ROLE_CONFIGS, f"unknown role {role!r}"
+    assert role in endpoints, f"{role} runs in a layout that has none"
     flags = flags_of(argv[2:])
     assert flags.get("--keys") == keys_dir, f"{role} is not given --keys {keys_dir}: {argv}"
     want = {f"--{name}": C.endpoint(hosts[host], C.DEFAULT_PORTS[name])
-            for name, host in ENDPOINTS[role].items()}
+            for name, host in endpoints[role].items()}
     got = {f: v for f, v in flags.items() if f.lstrip("-") in C.DEFAULT_PORTS}
     assert got == want, f"{role} endpoints {got} != {want}"
     if role == "evaluator":
@@ -112,6 +128,7 @@ def check_role_command(argv: list[str], hosts: dict[str, str], keys_dir: str,
     # The project's own parser and validation (every flag known, types, actor index < --num-actors).
     cfg = C.parse(C.ROLE_CONFIGS[role], argv[2:], role)
     assert cfg.keys == keys_dir and cfg.num_actors == int(flags["--num-actors"])
+    assert C.is_async(cfg) == (endpoints is ASYNC_ENDPOINTS), f"{role} --algo {cfg.algo} in the wrong layout"
     return role, flags
 
 
@@ -131,9 +148,32 @@ def test_template_ports_match_config():
     tpl, errors = decode_str(TEMPLATE.read_text())
     assert not errors
     ports = {name.lower(): port for name, port in tpl["Mappings"]["Ports"]["ZeroMQ"].items()}
-    assert ports == C.DEFAULT_PORTS
-    # The security group opens one range from the lowest to the highest port: it must be exactly them.
-    assert sorted(ports.values()) == list(range(min(ports.values()), max(ports.values()) + 1))
+    assert ports == C.DEFAULT_PORTS and ports["gradients"] == 5557
+    # The security group opens one range from experience to telemetry (Ape-X; weights to telemetry
+    # for the asynchronous family): it must be exactly those ports, the gradients port outside it,
+    # with its own rule.
+    assert sorted(APEX_PORTS.values()) == list(range(APEX_PORTS["experience"], APEX_PORTS["telemetry"] + 1))
+    assert APEX_PORTS["weights"] + 1 == APEX_PORTS["telemetry"]
+    assert not APEX_PORTS["experience"] <= ports["gradients"] <= APEX_PORTS["telemetry"]
+    res = tpl["Resources"]
+    zmq_rule, grad_rule = res["ClusterZeroMQIngress"]["Properties"], res["ClusterGradientsIngress"]
+    assert zmq_rule["FromPort"] == {"Fn::If": ["AsyncAlgo", {"Fn::FindInMap": ["Ports", "ZeroMQ", "Weights"]},
+                                               {"Fn::FindInMap": ["Ports", "ZeroMQ", "Experience"]}]}
+    assert zmq_rule["ToPort"] == {"Fn::FindInMap": ["Ports", "ZeroMQ", "Telemetry"]}
+    assert grad_rule["Condition"] == "AsyncAlgo"
+    assert grad_rule["Properties"]["FromPort"] == grad_rule["Properties"]["ToPort"] == \
+        {"Fn::FindInMap": ["Ports", "ZeroMQ", "Gradients"]}
+
+
+def test_template_algo_parameter_matches_config():
+    """Algo offers every --algo, defaults to dqn, and AsyncAlgo is exactly config.ASYNC_ALGOS."""
+    from cfnlint.decode import decode_str
+    tpl, errors = decode_str(TEMPLATE.read_text())
+    assert not errors
+    algo = tpl["Parameters"]["Algo"]
+    assert algo["Default"] == "dqn" and algo["AllowedValues"] == list(C.ALGOS)
+    cond = tpl["Conditions"]["AsyncAlgo"]["Fn::Or"]
+    assert [c["Fn::Equals"] for c in cond] == [[{"Ref": "Algo"}, a] for a in C.ASYNC_ALGOS]
 
 
 # --- (b) the stack in moto -------------------------------------------------------------------------
@@ -219,7 +259,21 @@ def stack(aws, tmp_path_factory):
     assert set(key_files) == SERVER_KEY_FILES, "apex-zmq keys changed its layout: update the template's fetch-keys names"
     for fname, text in key_files.items():
         ssm.put_parameter(Name=f"{KEY_PREFIX}/{fname}", Value=text, Type="SecureString")
-    s = _create_stack("apex-test")
+    s = _read_back(_create_stack("apex-test"))
+    s.update(key_files=key_files, cpu_ami=cpu_ami, gpu_ami=gpu_ami)
+    return s
+
+
+@pytest.fixture(scope="module")
+def async_stack(stack):
+    """The same stack with Algo=a3c (the asynchronous family); ``stack`` put the keys in place."""
+    return _read_back(_create_stack("apex-async", Algo="a3c"))
+
+
+def _read_back(s: dict) -> dict:
+    """Add to ``_create_stack``'s answer what the checks read back: the server hosts' addresses,
+    their interfaces, the actors' launch template and group, and each host's user data."""
+    ec2 = _client("ec2")
     r = s["resources"]
     enis = {eni["NetworkInterfaceId"]: eni for eni in ec2.describe_network_interfaces(
         NetworkInterfaceIds=[r["LearnerInterface"], r["EvaluatorInterface"]])["NetworkInterfaces"]}
@@ -227,7 +281,7 @@ def stack(aws, tmp_path_factory):
     group = _client("autoscaling").describe_auto_scaling_groups(AutoScalingGroupNames=[r["ActorGroup"]])
     from cfnlint.decode import decode_str
     s.update(
-        template=decode_str(TEMPLATE.read_text())[0], key_files=key_files, cpu_ami=cpu_ami, gpu_ami=gpu_ami,
+        template=decode_str(TEMPLATE.read_text())[0],
         hosts={"learner": enis[r["LearnerInterface"]]["PrivateIpAddress"],
                "evaluator": enis[r["EvaluatorInterface"]]["PrivateIpAddress"]},
         enis=enis, launch_data=lt[-1]["LaunchTemplateData"],
@@ -287,14 +341,17 @@ def test_stack_addresses_come_from_the_server_interfaces(stack):
     assert stack["outputs"]["DashboardUrl"] == f"http://{hosts['evaluator']}:8088/"
 
 
-def test_stack_hosts_run_their_roles_with_keys_and_right_endpoints(stack, tmp_path):
+def _check_host_roles(stack: dict, expected_roles: dict[str, list[str]], endpoints: dict, algo: str,
+                      tmp_path: Path) -> dict[str, dict[str, str]]:
+    """Each host's user data is valid bash, runs exactly ``expected_roles`` (a drop-in each, all
+    enabled), each with its keys, --algo ``algo`` and the endpoints of ``endpoints`` on the server
+    interfaces' addresses; returns each role's flags."""
     hosts, ud = stack["hosts"], stack["user_data"]
     for host, text in ud.items():
         assert text.startswith("#!/bin/bash\n"), host
         proc = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
         assert proc.returncode == 0, f"{host} user data: {proc.stderr}"
-    expected_roles = {"learner": ["replay_server", "learner"], "evaluator": ["evaluator"], "actor": ["actor"]}
-    seen = set()
+    seen = {}
     for host, roles in expected_roles.items():
         units = _exec_starts(ud[host])
         assert sorted(units) == sorted(roles), f"{host} host runs {sorted(units)}"
@@ -311,12 +368,21 @@ def test_stack_hosts_run_their_roles_with_keys_and_right_endpoints(stack, tmp_pa
                 host_py.write_env_file(str(written), ACTOR_COUNT - 1)
                 env = dict(line.split("=", 1) for line in written.read_text().split())
                 argv = [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], a) for a in argv]
-            got_role, flags = check_role_command(argv, hosts, keys_dir, dashboard_host=hosts["evaluator"])
+            got_role, flags = check_role_command(argv, hosts, keys_dir, dashboard_host=hosts["evaluator"],
+                                                 endpoints=endpoints)
             assert got_role == role
             assert flags["--env"] == "ALE/Breakout-v5" and flags["--num-actors"] == str(ACTOR_COUNT)
-            assert flags["--envs-per-actor"] == "16"
-            seen.add(role)
-    assert seen == set(ENDPOINTS)  # all four roles run somewhere
+            assert flags["--envs-per-actor"] == "16" and flags["--algo"] == algo
+            seen[role] = flags
+    assert set(seen) == set(endpoints)  # every role of the layout runs somewhere
+    return seen
+
+
+def test_stack_hosts_run_their_roles_with_keys_and_right_endpoints(stack, tmp_path):
+    ud = stack["user_data"]
+    expected_roles = {"learner": ["replay_server", "learner"], "evaluator": ["evaluator"], "actor": ["actor"]}
+    _check_host_roles(stack, expected_roles, ENDPOINTS, "dqn", tmp_path)  # Algo's default
+    assert "gradients" not in "".join(ud.values())
     learner = _exec_starts(ud["learner"])["learner"][1]
     assert learner[learner.index("--device") + 1] == "cuda"
     evaluator = _exec_starts(ud["evaluator"])["evaluator"][1]
@@ -331,7 +397,29 @@ def test_stack_hosts_run_their_roles_with_keys_and_right_endpoints(stack, tmp_pa
     assert stack["launch_data"]["ImageId"] == stack["cpu_ami"]
 
 
-def test_stack_systemd_units_verify(stack, tmp_path):
+def test_async_stack_runs_no_replay_server_and_sends_gradients(async_stack, tmp_path):
+    """Algo=a3c: the learner host runs the learner alone, binding the gradients endpoint on its
+    address; every actor is an actor-learner pushing gradients there; every role gets --algo a3c."""
+    ud, hosts = async_stack["user_data"], async_stack["hosts"]
+    expected_roles = {"learner": ["learner"], "evaluator": ["evaluator"], "actor": ["actor"]}
+    flags = _check_host_roles(async_stack, expected_roles, ASYNC_ENDPOINTS, "a3c", tmp_path)
+    gradients = C.endpoint(hosts["learner"], C.DEFAULT_PORTS["gradients"])
+    assert flags["learner"]["--gradients"] == flags["actor"]["--gradients"] == gradients
+    assert flags["learner"]["--device"] == "cuda"
+    for host, text in ud.items():
+        assert "replay_server" not in text and "--experience" not in text and "--samples" not in text, host
+    # Nothing of the variables the template fills in is left over, and the actor's index is still
+    # systemd's to expand.
+    for text in ud.values():
+        assert not re.search(r"\$\{(?!APEX_ACTOR_INDEX\})", text.replace("${SRC}", "")), text
+    # The GPU AMI still goes to the learner host, and the outputs name it.
+    ec2 = _client("ec2")
+    learner_host = ec2.describe_instances(InstanceIds=[async_stack["resources"]["LearnerHost"]])
+    assert learner_host["Reservations"][0]["Instances"][0]["ImageId"] != async_stack["launch_data"]["ImageId"]
+    assert async_stack["outputs"]["LearnerPrivateIp"] == hosts["learner"]
+
+
+def _verify_units(user_data: dict[str, str], tmp_path: Path) -> None:
     """The unit template (bootstrap.sh) with each role's drop-in passes ``systemd-analyze verify``."""
     analyze = shutil.which("systemd-analyze")
     if not analyze:
@@ -348,7 +436,7 @@ def test_stack_systemd_units_verify(stack, tmp_path):
     program.write_text("#!/bin/sh\n")
     program.chmod(0o755)
     for host in ("learner", "evaluator", "actor"):
-        for role, (body, argv) in _exec_starts(stack["user_data"][host]).items():
+        for role, (body, argv) in _exec_starts(user_data[host]).items():
             assert argv[0] == "/opt/apex-zmq/src/.venv/bin/apex-zmq"
             dropin = tmp_path / f"apex-zmq@{role}.service.d"
             dropin.mkdir()
@@ -360,24 +448,45 @@ def test_stack_systemd_units_verify(stack, tmp_path):
             assert proc.returncode == 0 and not ours, f"{role}: {proc.stdout}{proc.stderr}"
 
 
-def test_stack_security_groups(stack):
+def test_stack_systemd_units_verify(stack, tmp_path):
+    _verify_units(stack["user_data"], tmp_path)
+
+
+def test_async_stack_systemd_units_verify(async_stack, tmp_path):
+    _verify_units(async_stack["user_data"], tmp_path)
+
+
+def _zeromq_rules(stack: dict) -> tuple[dict, dict, list[tuple]]:
+    """The VPC's security groups by id, and the cluster group's rules as (protocol, from, to,
+    source groups, address ranges, IPv6 ranges), sorted."""
     r = stack["resources"]
     groups = {g["GroupId"]: g for g in _client("ec2").describe_security_groups(
         Filters=[{"Name": "vpc-id", "Values": [stack["params"]["VpcId"]]}])["SecurityGroups"]}
-    cluster, dashboard = groups[r["ClusterSecurityGroup"]], groups[r["DashboardSecurityGroup"]]
+    rules = sorted((p["IpProtocol"], p["FromPort"], p["ToPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]],
+                    p["IpRanges"], p["Ipv6Ranges"]) for p in groups[r["ClusterSecurityGroup"]]["IpPermissions"])
+    return r, groups, rules
+
+
+def _no_other_zeromq_access(stack: dict, groups: dict) -> None:
+    """No group of the VPC but the cluster group, and no address range, reaches a ZeroMQ port."""
     lo, hi = min(C.DEFAULT_PORTS.values()), max(C.DEFAULT_PORTS.values())
-    # ZeroMQ: one rule, from members of the group itself, no address range at all.
-    assert [(p["IpProtocol"], p["FromPort"], p["ToPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]],
-             p["IpRanges"], p["Ipv6Ranges"]) for p in cluster["IpPermissions"]] == \
-        [("tcp", lo, hi, [r["ClusterSecurityGroup"]], [], [])]
-    # Dashboard: its port, from the operator's range only.
-    assert [(p["IpProtocol"], p["FromPort"], p["ToPort"], [x["CidrIp"] for x in p["IpRanges"]],
-             p["UserIdGroupPairs"]) for p in dashboard["IpPermissions"]] == [("tcp", 8088, 8088, [OPERATOR_CIDR], [])]
-    # No group of the VPC lets anything else reach a ZeroMQ port.
     for g in groups.values():
         for p in g["IpPermissions"]:
             if p.get("FromPort") is not None and p["FromPort"] <= hi and p["ToPort"] >= lo:
-                assert g["GroupId"] == r["ClusterSecurityGroup"] and not p["IpRanges"], g
+                assert g["GroupId"] == stack["resources"]["ClusterSecurityGroup"] and not p["IpRanges"], g
+
+
+def test_stack_security_groups(stack):
+    r, groups, rules = _zeromq_rules(stack)
+    dashboard = groups[r["DashboardSecurityGroup"]]
+    lo, hi = APEX_PORTS["experience"], APEX_PORTS["telemetry"]
+    # ZeroMQ: one rule, experience..telemetry from members of the group itself, no address range at
+    # all; no gradients port (Ape-X has no gradients).
+    assert rules == [("tcp", lo, hi, [r["ClusterSecurityGroup"]], [], [])]
+    # Dashboard: its port, from the operator's range only.
+    assert [(p["IpProtocol"], p["FromPort"], p["ToPort"], [x["CidrIp"] for x in p["IpRanges"]],
+             p["UserIdGroupPairs"]) for p in dashboard["IpPermissions"]] == [("tcp", 8088, 8088, [OPERATOR_CIDR], [])]
+    _no_other_zeromq_access(stack, groups)
     # Membership: actors (launch template) and the learner are in the cluster group only; the
     # evaluator is also in the dashboard group. moto ignores GroupSet on interfaces, so the
     # interfaces' groups are read from the template.
@@ -387,6 +496,22 @@ def test_stack_security_groups(stack):
     assert t["LearnerInterface"]["Properties"]["GroupSet"] == [{"Ref": "ClusterSecurityGroup"}]
     assert t["EvaluatorInterface"]["Properties"]["GroupSet"] == [{"Ref": "ClusterSecurityGroup"},
                                                                  {"Ref": "DashboardSecurityGroup"}]
+
+
+def test_async_stack_security_groups_open_the_gradients_port(async_stack):
+    """Algo=a3c: the cluster group admits its members (the actors, the learner host) to the gradients
+    port, and of the Ape-X range keeps only weights and telemetry (no replay server listens)."""
+    r, groups, rules = _zeromq_rules(async_stack)
+    sg = [r["ClusterSecurityGroup"]]
+    ports = C.DEFAULT_PORTS
+    assert rules == [("tcp", ports["weights"], ports["telemetry"], sg, [], []),
+                     ("tcp", ports["gradients"], ports["gradients"], sg, [], [])]
+    _no_other_zeromq_access(async_stack, groups)
+    # The gradients' sender and receiver are both members: the actors (launch template), and the
+    # learner host (its interface, read from the template as moto ignores GroupSet).
+    assert [ni["Groups"] for ni in async_stack["launch_data"]["NetworkInterfaces"]] == [sg]
+    t = async_stack["template"]["Resources"]
+    assert t["LearnerInterface"]["Properties"]["GroupSet"] == [{"Ref": "ClusterSecurityGroup"}]
 
 
 def _policy_statements(role_name: str) -> list[dict]:
@@ -560,20 +685,23 @@ def test_sbatch_syntax():
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
 
 
-def test_sbatch_dry_run_three_nodes(tmp_path):
+def _check_dry_run_three_nodes(tmp_path: Path, args: list[str], server_roles: list[str],
+                               endpoints: dict) -> list[tuple[str, list[str]]]:
+    """The dry run of a 3-node allocation with flags ``args``: ``server_roles`` on the first node,
+    8 actors on the others, every command line checked in the ``endpoints`` layout."""
     keys = tmp_path / "keys"
     keys.mkdir(mode=0o700)
     env = {**_fake_scontrol(tmp_path, ["cn017", "cn018", "cn019"]), "SLURM_JOB_NODELIST": "cn[017-019]",
            "SLURM_JOB_ID": "4242", "SLURM_CPUS_ON_NODE": "4", "SLURM_SUBMIT_DIR": "/shared/apex",
            "APEX_HEAD_ADDR": "10.3.0.17", "APEX_KEYS": str(keys), "APEX_ENVS_PER_ACTOR": "8"}
-    proc = _dry_run(env, "--seed", "7")
+    proc = _dry_run(env, *args, "--seed", "7")
     assert proc.returncode == 0, proc.stderr
     lines = _parse_dry_run(proc.stdout)
     hosts = {"learner": "10.3.0.17", "evaluator": "10.3.0.17"}
     servers = [(w, a) for w, a in lines if w not in ("srun",) and a[1] != "actor"]
-    assert [(w, a[1]) for w, a in servers] == [("cn017", "replay_server"), ("cn017", "learner"), ("cn017", "evaluator")]
+    assert [(w, a[1]) for w, a in servers] == [("cn017", role) for role in server_roles]
     for _, argv in servers:
-        role, flags = check_role_command(argv, hosts, str(keys), dashboard_host="127.0.0.1")
+        role, flags = check_role_command(argv, hosts, str(keys), dashboard_host="127.0.0.1", endpoints=endpoints)
         assert flags["--num-actors"] == "8" and flags["--seed"] == "7"
         assert flags["--run-dir"] == "/shared/apex/runs/slurm-4242"
         assert argv[0] == "/shared/apex/.venv/bin/apex-zmq"
@@ -589,13 +717,94 @@ def test_sbatch_dry_run_three_nodes(tmp_path):
     assert [w for w, _ in actors] == ["cn018"] * 4 + ["cn019"] * 4
     for i, (_, argv) in enumerate(actors):
         assert argv == task_argv + ["--actor-index", str(i)]
-        role, flags = check_role_command(argv, hosts, str(keys), dashboard_host="127.0.0.1")
+        role, flags = check_role_command(argv, hosts, str(keys), dashboard_host="127.0.0.1", endpoints=endpoints)
         assert flags["--actor-index"] == str(i)
     # What bash -c runs in task i is exactly the printed per-task command.
     script = srun[srun.index("-c") + 1]
     traced = subprocess.run(["bash", "-c", script.replace("exec ", "printf '%s\\n' ", 1), "x", *task_argv],
                             env={"SLURM_PROCID": "5", "PATH": os.environ["PATH"]}, capture_output=True, text=True)
     assert traced.stdout.splitlines() == actors[5][1]
+    return lines
+
+
+def test_sbatch_dry_run_three_nodes(tmp_path):
+    _check_dry_run_three_nodes(tmp_path, [], ["replay_server", "learner", "evaluator"], ENDPOINTS)
+
+
+def test_sbatch_dry_run_three_nodes_async(tmp_path):
+    """--algo a3c: the first node runs the learner (binding gradients on its address) and the
+    evaluator, no replay server; every actor pushes gradients there."""
+    lines = _check_dry_run_three_nodes(tmp_path, ["--algo", "a3c"], ["learner", "evaluator"], ASYNC_ENDPOINTS)
+    assert not any("replay_server" in argv for _, argv in lines)
+    gradients = C.endpoint("10.3.0.17", C.DEFAULT_PORTS["gradients"])
+    commands = [argv for w, argv in lines if w != "srun"]
+    assert [a[1] for a in commands if "--gradients" in a] == ["learner"] + ["actor"] * 8
+    for argv in commands:
+        flags = flags_of(argv[2:])
+        assert flags["--algo"] == "a3c" and flags.get("--gradients", gradients) == gradients
+
+
+@pytest.mark.parametrize("algo", C.ALGOS)
+def test_sbatch_layout_follows_every_algo(tmp_path, algo):
+    """The script's own list of the asynchronous family is config.ASYNC_ALGOS: for each --algo, a
+    replay server exactly for Ape-X, and on one node one core less for the servers without it."""
+    env = {**_fake_scontrol(tmp_path, ["node1"]), "SLURM_JOB_NODELIST": "node1", "SLURM_CPUS_ON_NODE": "8",
+           "APEX_HEAD_ADDR": "10.0.0.5", "APEX_PORT_BASE": "6100"}
+    proc = _dry_run(env, f"--algo={algo}")
+    assert proc.returncode == 0, proc.stderr
+    lines = _parse_dry_run(proc.stdout)
+    is_async = algo in C.ASYNC_ALGOS
+    servers = [a[1] for w, a in lines if w != "srun" and a[1] != "actor"]
+    actors = [a for w, a in lines if w != "srun" and a[1] == "actor"]
+    assert servers == (["learner", "evaluator"] if is_async else ["replay_server", "learner", "evaluator"])
+    assert len(actors) == (6 if is_async else 5)
+    # APEX_PORT_BASE moves every port by the same offset as config.loopback_endpoints does.
+    want = C.loopback_endpoints(6100)
+    for argv in actors:
+        assert f"--algo={algo}" in argv  # passed on as given (the form --algo=X)
+        flags = flags_of([part for a in argv[2:] for part in (a.split("=", 1) if a.startswith("--algo=") else [a])])
+        sent = "gradients" if is_async else "experience"
+        assert flags[f"--{sent}"] == want[sent].replace(C.LOOPBACK, "10.0.0.5")
+        assert ("--experience" in flags) != is_async and ("--gradients" in flags) == is_async
+
+
+def test_sbatch_reads_algo_from_the_config_file(tmp_path):
+    """Without --algo among the flags, the layout follows the --config file's algo (read with the
+    venv's Python next to APEX_BIN), as each role will read it; a flag still wins."""
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").symlink_to(sys.executable)
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    env = {**_fake_scontrol(tmp_path, ["cn1", "cn2"]), "SLURM_JOB_NODELIST": "cn[1-2]", "SLURM_CPUS_ON_NODE": "2",
+           "APEX_HEAD_ADDR": "10.3.0.1", "APEX_BIN": str(venv_bin / "apex-zmq"), "APEX_KEYS": str(keys),
+           "APEX_ENV": "CartPole-v1"}
+    hosts = {"learner": "10.3.0.1", "evaluator": "10.3.0.1"}
+    cases = {"top.toml": ('algo = "nstep_q"\n[learner]\nlr = 0.001\n', ASYNC_ENDPOINTS),
+             "tables.toml": ("".join(f'[{r}]\nalgo = "onestep_sarsa"\n' for r in C.ROLE_CONFIGS), ASYNC_ENDPOINTS),
+             "run.json": ('{"algo": "a3c"}', ASYNC_ENDPOINTS),
+             "rainbow.toml": ('algo = "rainbow"\n', ENDPOINTS)}
+    for name, (text, endpoints) in cases.items():
+        config = tmp_path / name
+        config.write_text(text)
+        proc = _dry_run(env, "--config", str(config))
+        assert proc.returncode == 0, f"{name}: {proc.stderr}"
+        lines = _parse_dry_run(proc.stdout)
+        roles = sorted({a[1] for w, a in lines if w != "srun"})
+        assert roles == sorted(endpoints), name
+        # The project's parser, reading the same file, agrees on the family (check_role_command).
+        for where, argv in lines:
+            if where != "srun":
+                check_role_command(argv, hosts, str(keys), dashboard_host="127.0.0.1", endpoints=endpoints)
+    # A flag after the file wins, as it does for the roles.
+    proc = _dry_run(env, "--config", str(tmp_path / "run.json"), "--algo", "dqn")
+    assert proc.returncode == 0 and "replay_server" in proc.stdout, proc.stderr
+    # Tables that disagree, or a file that cannot be read, stop the script before anything runs.
+    (tmp_path / "split.toml").write_text('[learner]\nalgo = "a3c"\n[actor]\nalgo = "dqn"\n')
+    (tmp_path / "bad.toml").write_text('algo = \n')
+    for name, message in (("split.toml", "differ in algo"), ("bad.toml", "cannot read"), ("none.toml", "no such file")):
+        proc = _dry_run(env, "--config", str(tmp_path / name))
+        assert proc.returncode != 0 and message in proc.stderr and not proc.stdout, (name, proc.stderr)
 
 
 def test_sbatch_dry_run_refuses_loopback_head_for_other_nodes(tmp_path):
@@ -607,6 +816,7 @@ def test_sbatch_dry_run_refuses_loopback_head_for_other_nodes(tmp_path):
 
 # --- (d) a real sbatch on a one-node Slurm cluster ---------------------------------------------------
 
+@functools.lru_cache(maxsize=1)  # asked once per session: sinfo takes ~10 s to give up on a dead controller
 def _slurm_up() -> str | None:
     """Why a real Slurm submission cannot run here, or None when it can."""
     if not shutil.which("sbatch"):
@@ -620,10 +830,12 @@ def _slurm_up() -> str | None:
     return None
 
 
-def test_sbatch_real_single_node(tmp_path):
+@pytest.mark.parametrize("algo", ["dqn", "a3c"])
+def test_sbatch_real_single_node(tmp_path, algo):
     why = _slurm_up()
     if why:
         pytest.skip(why)
+    flags = ["--seed", "3"] + ([] if algo == "dqn" else ["--algo", algo])  # dqn: the default, no flag
     # A stand-in for apex-zmq that records its command line (and where it ran) and lets the run
     # end: actors exit, servers wait to be stopped. The Slurm side is real: sbatch, the batch
     # step, srun's tasks and their SLURM_PROCID.
@@ -642,7 +854,7 @@ def test_sbatch_real_single_node(tmp_path):
     name = f"apex-zmq-test-{os.getpid()}"
     try:
         proc = subprocess.run(["sbatch", "--wait", "--nodes=1", "--time=2", f"--job-name={name}",
-                               f"--output={tmp_path}/job.out", str(SBATCH), "--seed", "3"],
+                               f"--output={tmp_path}/job.out", str(SBATCH), *flags],
                               env=env, capture_output=True, text=True, timeout=90, cwd=tmp_path)
     except subprocess.TimeoutExpired:
         subprocess.run(["scancel", f"--name={name}"], timeout=30)  # leave no job behind
@@ -654,14 +866,15 @@ def test_sbatch_real_single_node(tmp_path):
         node, procid, *argv = f.read_bytes().decode().rstrip("\0").split("\0")
         recorded.append((node, procid, [str(stub)] + argv))
     node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
-    assert sorted(a[1] for _, _, a in recorded) == ["actor", "actor", "evaluator", "learner", "replay_server"]
+    servers = ["evaluator", "learner"] + ([] if algo in C.ASYNC_ALGOS else ["replay_server"])
+    assert sorted(a[1] for _, _, a in recorded) == ["actor", "actor"] + servers
     actors = sorted((p, a) for _, p, a in recorded if a[1] == "actor")
     assert [p for p, _ in actors] == ["0", "1"]
     for procid, argv in actors:
         assert argv[argv.index("--actor-index") + 1] == procid
     # The dry run, given this job's Slurm variables, prints exactly what ran.
     dry = _dry_run({**{k: v for k, v in env.items() if k.startswith("APEX_")}, "SLURM_JOB_NODELIST": node,
-                    "SLURM_JOB_ID": job.group(1)}, "--seed", "3")
+                    "SLURM_JOB_ID": job.group(1)}, *flags)
     assert dry.returncode == 0, dry.stderr
     printed = sorted(a for w, a in _parse_dry_run(dry.stdout) if w != "srun")
     assert printed == sorted(a for _, _, a in recorded)

@@ -5,6 +5,11 @@ one training step on a prioritized batch and returns the batch's new priorities 
 network the actors and the evaluator act with (broadcast as weights), and gives the state a checkpoint
 keeps. The program (``learner.main``) wires sockets, loaders, checkpoints and telemetry around any rule,
 so a new algorithm is a new file here plus a line in ``RULES``.
+
+The asynchronous family (a3c, nstep_q, onestep_q, onestep_sarsa) has no batches to learn from: its rule
+is the parameter server (``param_server.ParameterServer``), which applies the actor-learners' gradients
+(``apply``) instead of taking ``step``s, and ``param_server.serve`` is its program; checkpoints, resume
+and the weights it publishes go through the same ``LearnerCore``.
 """
 
 from __future__ import annotations

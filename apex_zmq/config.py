@@ -1,7 +1,8 @@
 """Typed configuration, one dataclass per role, from CLI flags and an optional TOML (or JSON) file.
 
-Precedence, lowest first: field defaults, the preset of the chosen ``--env`` (see ``PRESETS``),
-the ``--config`` file, explicit flags. Each role saves what it ran with as JSON in the run directory.
+Precedence, lowest first: field defaults, the preset of the chosen ``--env`` and ``--algo`` (see
+``preset_for``), the algorithm preset (``--preset``), the ``--config`` file, explicit flags. Each role
+saves what it ran with as JSON in the run directory.
 Every socket address lives here and nowhere else.
 """
 
@@ -248,11 +249,7 @@ _CLASSIC: dict[str, Any] = dict(
     eps_base=0.4, eps_alpha=7.0, n_step=3, gamma=0.99)
 PRESETS: dict[str, dict[str, Any]] = {
     "classic": _CLASSIC,
-    # Returns up to ~1 / (1 - gamma) = 100: the C51 support must reach them. Rainbow explores with the
-    # ladder alone (its noisy layers on top slowed learning here) and IQN samples 16 / 16 / 8 quantiles
-    # (N, N', K): its step at 64 / 64 / 32 costs ~10x dqn's on this small net. Other algorithms ignore both.
-    "CartPole-v1": dict(_CLASSIC, v_min=0.0, v_max=110.0, exploration="ladder", iqn_n=16, iqn_n_prime=16,
-                        iqn_k=8),
+    "CartPole-v1": _CLASSIC,
     "atari": dict(hidden=512, envs_per_actor=32, chunk_steps=16, capacity=2_000_000,
                   batch_size=512, min_size=50_000, lr=0.00025 / 4, target_update=2500),
 }
@@ -274,18 +271,32 @@ ALGO_PRESETS: dict[str, dict[str, Any]] = {
 # network every 40,000 frames, which is 125 updates of 16 envs x 5 steps x 4 frames). Weights go out
 # often: an actor-learner computes each gradient at the newest weights it has (staleness).
 ASYNC_PRESETS: dict[str, dict[str, Any]] = {
-    "classic": dict(lr=1e-3, t_max=5, envs_per_actor=8, weights_period=0.02, target_update=100, exploration="auto",
+    "classic": dict(lr=1e-3, t_max=5, envs_per_actor=8, weights_period=0.02, target_update=100,
                     eps_anneal_frames=20_000, max_staleness=32),
     "atari": dict(lr=7e-4, t_max=5, envs_per_actor=16, hidden=256, weights_period=0.1, target_update=125,
                   eps_anneal_frames=4_000_000, max_staleness=32),
 }
 
 
-def preset_for(env: str) -> dict[str, Any]:
-    """The preset of ``env`` (ALE ids share the ``atari`` preset, other envs without their own the ``classic``)."""
-    if env.startswith("ALE/"):
-        return PRESETS["atari"]
-    return PRESETS.get(env, PRESETS["classic"])
+# Presets of one algorithm on one env, over the env's and the family's.
+ENV_ALGO_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    # Returns up to ~1 / (1 - gamma) = 100: the C51 support must reach them. Rainbow explores with the
+    # ladder alone (its noisy layers on top slowed learning here).
+    ("CartPole-v1", "rainbow"): dict(v_min=0.0, v_max=110.0, exploration="ladder"),
+    # N, N', K = 16 / 16 / 8 quantile samples: at 64 / 64 / 32 IQN's step costs ~10x dqn's on this small net.
+    ("CartPole-v1", "iqn"): dict(iqn_n=16, iqn_n_prime=16, iqn_k=8),
+}
+
+
+def preset_for(env: str, algo: str = "dqn") -> dict[str, Any]:
+    """The preset of ``env`` for ``algo``: the env's (ALE ids share the ``atari`` one, other envs without
+    their own the ``classic`` one), then the asynchronous family's over it, then ``ENV_ALGO_PRESETS``'."""
+    kind = "atari" if env.startswith("ALE/") else "classic"
+    out = dict(PRESETS["atari"] if kind == "atari" else PRESETS.get(env, PRESETS["classic"]))
+    if algo in ASYNC_ALGOS:
+        out.update(ASYNC_PRESETS[kind])
+    out.update(ENV_ALGO_PRESETS.get((env, algo), {}))
+    return out
 
 
 def resolve(cfg: Any) -> Any:
@@ -397,12 +408,9 @@ def parse(cls: type, argv: list[str] | None, role: str, prog: str | None = None)
         _check_value(cls, k, v)
     env = args.get("env", file_values.get("env", Common.env))
     own = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in preset_for(env).items() if k in own}
     preset = args.get("preset", file_values.get("preset", Common.preset))
     algo = args.get("algo", file_values.get("algo", ALGO_PRESETS[preset].get("algo", Common.algo)))
-    if algo in ASYNC_ALGOS:
-        family = ASYNC_PRESETS["atari" if env.startswith("ALE/") else "classic"]
-        values.update({k: v for k, v in family.items() if k in own})
+    values = {k: v for k, v in preset_for(env, algo).items() if k in own}
     values.update({k: v for k, v in ALGO_PRESETS[preset].items() if k in own})
     values.update(file_values)
     values.update(args)

@@ -341,6 +341,18 @@ def test_validate_errors_name_the_flag(cls, role, argv, flag):
     assert exit_message(e).startswith(flag + ":")
 
 
+def test_presets_of_one_algorithm_on_one_env():
+    rainbow = C.parse(LearnerConfig, ["--env", "CartPole-v1", "--algo", "rainbow"], "learner")
+    assert (rainbow.v_min, rainbow.v_max, rainbow.lr) == (0.0, 110.0, 1e-3)  # and the env's own
+    assert C.parse(ActorConfig, ["--env", "CartPole-v1", "--preset", "rainbow"], "actor").exploration == "ladder"
+    iqn = C.parse(LearnerConfig, ["--env", "CartPole-v1", "--algo", "iqn"], "learner")
+    assert (iqn.iqn_n, iqn.iqn_n_prime, iqn.iqn_k) == (16, 16, 8)
+    dqn = C.parse(LearnerConfig, ["--env", "CartPole-v1"], "learner")
+    assert (dqn.v_max, dqn.iqn_n) == (LearnerConfig.v_max, LearnerConfig.iqn_n)
+    pong = C.parse(LearnerConfig, ["--env", "ALE/Pong-v5", "--algo", "rainbow"], "learner")
+    assert pong.v_max == LearnerConfig.v_max == 10.0
+
+
 def test_asynchronous_family_gets_its_presets_over_the_envs():
     cart = C.parse(LaunchConfig, ["--env", "CartPole-v1", "--algo", "a3c"], "run")
     assert (cart.lr, cart.t_max, cart.envs_per_actor, cart.weights_period, cart.hidden) == (1e-3, 5, 8, 0.02, 64)

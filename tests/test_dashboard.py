@@ -126,7 +126,8 @@ def test_state_is_strict_json_with_only_each_roles_own_metrics() -> None:
     assert state["latest"]["replay/inserted_per_s"] is None  # JSON has no inf
     assert math.isnan(m.metrics["learner/loss"])  # logged as reported: a NaN loss means something
     assert state["latest"]["perf/learner_wait_fraction"] == 0.5
-    assert state["series"]["learner"] == {"t": [11.0], "steps": [3.0], "steps_per_s": [None], "loss": [None]}
+    assert state["series"]["learner"] == {"t": [11.0], "steps": [3.0], "steps_per_s": [None], "loss": [None],
+                                          "staleness": [None], "entropy": [None]}  # the last two: asynchronous
     assert state["series"]["replay"]["size"] == [1234.0]
     assert state["eval"]["count"] == 1  # the malformed row is skipped
     assert state["eval"]["points"] == [{"time": 11.5, "learner_steps": 3.0, "mean": 20.0, "min": 10.0, "max": 30.0}]
@@ -637,12 +638,11 @@ ASYNC_FIGURES = ["learner-updates-per-s", "learner-staleness", "learner-stalenes
 
 
 @pytest.mark.parametrize("algo", ["a3c", "nstep_q"])
-def test_async_run_shows_gradients_instead_of_replay(tmp_path: Path, chromium: str, algo: str) -> None:
+def test_async_run_shows_gradients_instead_of_replay(tmp_path: Path, page: Any, algo: str) -> None:
     """An asynchronous run (evaluator, learner, one actor-learner; no replay server) in the browser: the
     Gradients card shows the learner's updates/s, staleness and dropped count, A3C's policy entropy or the
     actor-learners' mean epsilon, as /api/state has them; the Replay card and chart are hidden."""
     from conftest import free_port_base
-    from playwright.sync_api import sync_playwright
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
     common = ["--env", "CartPole-v1", "--algo", algo, "--run-dir", str(run_dir), "--num-actors", "1",
@@ -657,28 +657,27 @@ def test_async_run_shows_gradients_instead_of_replay(tmp_path: Path, chromium: s
     try:
         url_file = run_dir / "dashboard.url"
         url = wait_for("dashboard.url", lambda: url_file.exists() and url_file.read_text().strip(), 120)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            pg = browser.new_page(viewport={"width": 1280, "height": 1400})
-            errors: list[str] = []
-            pg.on("pageerror", lambda e: errors.append(str(e)))
-            pg.goto(url)
-            key = "learner/entropy" if algo == "a3c" else "actor/epsilon_mean"
-            wait_for("gradients on the page", lambda: pg.evaluate(read)["learner-updates-per-s"] not in ("-", "0.0")
-                     and pg.evaluate(read)["learner-staleness"] != "-", 120)
+        # A page of its own in the module's browser (one Playwright per module: a second one cannot start).
+        pg = page.context.browser.new_page(viewport={"width": 1280, "height": 1400})
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(url)
+        key = "learner/entropy" if algo == "a3c" else "actor/epsilon_mean"
+        wait_for("gradients on the page", lambda: pg.evaluate(read)["learner-updates-per-s"] not in ("-", "0.0")
+                 and pg.evaluate(read)["learner-staleness"] != "-", 120)
+        for p in procs[1:]:
+            os.kill(p.pid, signal.SIGSTOP)  # nothing reports while page and state are read
+        try:
+            time.sleep(0.3)
+            with urllib.request.urlopen(url + "api/state", timeout=10) as r:
+                state = json.loads(r.read())
+            wait_for("the page's next poll", lambda: pg.evaluate(
+                "() => window.apexDashboard.state && window.apexDashboard.state.now") > state["now"], 10, 0.1)
+            shown, flags = pg.evaluate(read), pg.evaluate(hidden)
+        finally:
             for p in procs[1:]:
-                os.kill(p.pid, signal.SIGSTOP)  # nothing reports while page and state are read
-            try:
-                time.sleep(0.3)
-                with urllib.request.urlopen(url + "api/state", timeout=10) as r:
-                    state = json.loads(r.read())
-                wait_for("the page's next poll", lambda: pg.evaluate(
-                    "() => window.apexDashboard.state && window.apexDashboard.state.now") > state["now"], 10, 0.1)
-                shown, flags = pg.evaluate(read), pg.evaluate(hidden)
-            finally:
-                for p in procs[1:]:
-                    os.kill(p.pid, signal.SIGCONT)
-            browser.close()
+                os.kill(p.pid, signal.SIGCONT)
+        pg.close()
         latest = state["latest"]
         assert flags == {"card-gradients": False, "card-replay": True, "chart-box-gradients": False,
                          "chart-box-replay": True}

@@ -346,7 +346,7 @@ def test_presets_of_one_algorithm_on_one_env():
     assert (rainbow.v_min, rainbow.v_max, rainbow.lr) == (0.0, 110.0, 1e-3)  # and the env's own
     assert C.parse(ActorConfig, ["--env", "CartPole-v1", "--preset", "rainbow"], "actor").exploration == "ladder"
     iqn = C.parse(LearnerConfig, ["--env", "CartPole-v1", "--algo", "iqn"], "learner")
-    assert (iqn.iqn_n, iqn.iqn_n_prime, iqn.iqn_k) == (16, 16, 8)
+    assert (iqn.iqn_n, iqn.iqn_n_prime, iqn.iqn_k, iqn.dueling) == (8, 8, 4, False)
     dqn = C.parse(LearnerConfig, ["--env", "CartPole-v1"], "learner")
     assert (dqn.v_max, dqn.iqn_n) == (LearnerConfig.v_max, LearnerConfig.iqn_n)
     pong = C.parse(LearnerConfig, ["--env", "ALE/Pong-v5", "--algo", "rainbow"], "learner")

@@ -23,11 +23,11 @@ from apex_zmq import config as C
 from apex_zmq.asyncrl import a3c_loss, gradient_arrays, nstep_cut, q_loss, q_targets, segment_returns
 from apex_zmq.envs import env_spec, make_vector_env
 from apex_zmq.exploration import actor_seed, annealed_epsilon, draw_final_epsilons, epsilon_greedy
-from apex_zmq.networks import build_network, load_arrays, weights_mismatch
-from apex_zmq.transport import Sockets, install_stop, recv_latest, run_role, send_until
-from apex_zmq.wire import MAX_EPISODES, Gradients, Telemetry, WireError, decode_weights, encode
+from apex_zmq.networks import build_network, load_arrays
+from apex_zmq.transport import Sockets, install_stop, run_role, send_until
+from apex_zmq.wire import MAX_EPISODES, Gradients, Telemetry, encode
 
-from .main import EXPLORATION_CODES, life_lost, newer_weights
+from .main import EXPLORATION_CODES, EpisodeTracker, life_lost, take_weights
 
 
 class ActorLearnerCore:
@@ -50,9 +50,7 @@ class ActorLearnerCore:
         self.frame_skip = 4 if self.spec.atari else 1  # emulator frames per agent step
         self.valid = np.ones(K, dtype=bool)
         self.next_actions: np.ndarray | None = None  # chosen at the segment's last observation
-        self.ep_return = np.zeros(K)
-        self.ep_clipped_return = np.zeros(K)
-        self.ep_length = np.zeros(K, dtype=np.int64)
+        self.tracker = EpisodeTracker(K, cfg.actor_index * K)
         self.episodes: list[dict[str, float]] = []
         self.weights_version = -1
         self.weights_incarnation = -1
@@ -109,7 +107,7 @@ class ActorLearnerCore:
                 self.lives = lives
             clipped = np.clip(r, -1.0, 1.0) if self.spec.atari else r
             rewards[t], term[t], trunc[t], valid[t] = clipped, te | lost, tr, self.valid
-            self._track_episodes(r, clipped, te | tr)
+            self.episodes += self.tracker.step(r, clipped, te | tr, self.valid, self.epsilons())
             self.valid = ~(te | tr)  # the next step of an ended episode is the env's reset step
             self.agent_steps += K
         obs[T] = self.obs
@@ -147,20 +145,6 @@ class ActorLearnerCore:
                          dtype=cfg.gradient_dtype, incarnation=self.weights_incarnation, steps=int(valid.sum()),
                          loss=self.loss, entropy=self.entropy if cfg.algo == "a3c" else 0.0)
 
-    def _track_episodes(self, rewards: np.ndarray, clipped: np.ndarray, done: np.ndarray) -> None:
-        live = self.valid
-        self.ep_return += np.where(live, rewards, 0.0)
-        self.ep_clipped_return += np.where(live, clipped, 0.0)
-        self.ep_length += live
-        eps = self.epsilons()
-        base = self.cfg.actor_index * self.cfg.envs_per_actor
-        for k in np.nonzero(done & live)[0]:
-            self.episodes.append({"slot": base + int(k), "epsilon": float(eps[k]), "return": float(self.ep_return[k]),
-                                  "clipped_return": float(self.ep_clipped_return[k]),
-                                  "length": int(self.ep_length[k])})
-            self.ep_return[k] = self.ep_clipped_return[k] = 0.0
-            self.ep_length[k] = 0
-
 
 async def main_async(cfg: C.ActorConfig) -> None:
     """Wire the actor-learner core to its sockets and run until stopped."""
@@ -192,21 +176,6 @@ async def main_async(cfg: C.ActorConfig) -> None:
             if send_until(grads, encode(core.segment()), stop):
                 counters["sent"] += 1
 
-    async def receive_weights() -> None:
-        while True:
-            frames = await recv_latest(weights)
-            try:
-                w = decode_weights(frames)
-                why = weights_mismatch(core.net, w.names, w.arrays)
-                if why is not None:  # well-formed, but for another network: dropped, not a crash
-                    raise WireError(why)
-            except WireError:
-                counters["rejected"] += 1
-                continue
-            if newer_weights(core.weights_incarnation, core.weights_version, w.incarnation, w.version):
-                pending[:] = [w]
-                have_weights.set()
-
     async def report() -> None:
         last, last_steps, last_sent = time.monotonic(), 0, 0
         while True:
@@ -233,7 +202,8 @@ async def main_async(cfg: C.ActorConfig) -> None:
                                                       episodes=episodes, metrics=metrics)))
 
     try:
-        await run_role(stop, [receive_weights(), report()], [stepping], torch_threads=cfg.torch_threads)
+        await run_role(stop, [take_weights(weights, core, pending, counters, have_weights.set), report()], [stepping],
+                       torch_threads=cfg.torch_threads)
     finally:
         socks.close()
         core.close()

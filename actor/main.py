@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -59,11 +60,36 @@ class _Stepper:
         return self.env.recv() if self.native else self.env.step(self._actions)
 
 
+class EpisodeTracker:
+    """Running returns and lengths of K env slots; ``step`` returns the episodes that just finished, as
+    telemetry carries them (``wire.EPISODE_KEYS``)."""
+
+    def __init__(self, k: int, first_slot: int) -> None:
+        self.first_slot = first_slot  # the run-wide slot number of env 0
+        self.ret = np.zeros(k)          # whole game, unclipped: the score users compare
+        self.clipped_ret = np.zeros(k)  # what the learner is trained on
+        self.length = np.zeros(k, dtype=np.int64)
+
+    def step(self, rewards: np.ndarray, clipped: np.ndarray, done: np.ndarray, live: np.ndarray,
+             eps: np.ndarray) -> list[dict[str, float]]:
+        """Count one vector step (``live``: not an autoreset step) and take the episodes ``done`` ends."""
+        self.ret += np.where(live, rewards, 0.0)
+        self.clipped_ret += np.where(live, clipped, 0.0)
+        self.length += live
+        out = []
+        for k in np.nonzero(done & live)[0]:
+            out.append({"slot": self.first_slot + int(k), "epsilon": float(eps[k]), "return": float(self.ret[k]),
+                        "clipped_return": float(self.clipped_ret[k]), "length": int(self.length[k])})
+            self.ret[k] = self.clipped_ret[k] = 0.0
+            self.length[k] = 0
+        return out
+
+
 class EnvGroup:
     """A slice of the actor's env slots stepped as one vector env, with its own n-step segment."""
 
     def __init__(self, env, first: int, eps: np.ndarray, seg: SegmentBuffer, obs: np.ndarray,
-                 lives: np.ndarray | None) -> None:
+                 lives: np.ndarray | None, first_slot: int) -> None:
         self.env = env
         self.stepper = _Stepper(env)
         self.first = first  # index of this group's first env within the actor
@@ -75,9 +101,7 @@ class EnvGroup:
         self.actions = np.zeros(k, dtype=np.int64)
         self.in_flight = False
         self.valid = np.ones(k, dtype=bool)
-        self.ep_return = np.zeros(k)          # whole game, unclipped: the score users compare
-        self.ep_clipped_return = np.zeros(k)  # what the learner is trained on
-        self.ep_length = np.zeros(k, dtype=np.int64)
+        self.tracker = EpisodeTracker(k, first_slot)
 
 
 # Telemetry carries numbers: the dashboard's ladder names the exploration from this code.
@@ -139,7 +163,7 @@ class ActorCore:
             seg = SegmentBuffer(hi - lo, cfg.chunk_steps, cfg.n_step, cfg.gamma, self.spec.num_actions,
                                 self.act.out_shape, self.act.priority_fn)
             lives = np.array(info["lives"]) if self.spec.atari else None
-            self.groups.append(EnvGroup(env, lo, eps[lo:hi], seg, obs, lives))
+            self.groups.append(EnvGroup(env, lo, eps[lo:hi], seg, obs, lives, cfg.actor_index * K + lo))
         self.eps = eps
         self._next = 0
         self.episodes: list[dict[str, float]] = []
@@ -207,7 +231,7 @@ class ActorCore:
         clipped = np.clip(rewards, -1.0, 1.0) if self.spec.atari else rewards
         # A lost life ends the return (discount 0) but not the game: the next step stays valid.
         grp.seg.add_step(grp.actions, clipped, term | lost, trunc, grp.valid)
-        self._track_episodes(grp, rewards, clipped, term | trunc)
+        self.episodes += grp.tracker.step(rewards, clipped, term | trunc, grp.valid, grp.eps)
         grp.valid = ~(term | trunc)  # the step after a game's end is an autoreset step
         grp.in_flight = False
         self.agent_steps += len(grp.eps)
@@ -219,26 +243,31 @@ class ActorCore:
         return ExperienceChunk(sender=self.name, seq=self.seq, obs_shape=self.spec.obs_shape,
                                obs_dtype=self.spec.obs_dtype, frame_data=data, frame_offsets=offsets, **f)
 
-    def _track_episodes(self, grp: EnvGroup, rewards: np.ndarray, clipped: np.ndarray,
-                        done: np.ndarray) -> None:
-        live = grp.valid
-        grp.ep_return += np.where(live, rewards, 0.0)
-        grp.ep_clipped_return += np.where(live, clipped, 0.0)
-        grp.ep_length += live
-        base = self.cfg.actor_index * self.cfg.envs_per_actor + grp.first
-        for k in np.nonzero(done & live)[0]:
-            self.episodes.append({"slot": base + int(k), "epsilon": float(grp.eps[k]),
-                                  "return": float(grp.ep_return[k]),
-                                  "clipped_return": float(grp.ep_clipped_return[k]),
-                                  "length": int(grp.ep_length[k])})
-            grp.ep_return[k] = grp.ep_clipped_return[k] = 0.0
-            grp.ep_length[k] = 0
-
 
 def newer_weights(have_incarnation: int, have_version: int, incarnation: int, version: int) -> bool:
     """Take weights from another learner incarnation at once (a restarted learner counts its steps
     from its checkpoint, or from 0), and from the same one only when they are newer."""
     return incarnation != have_incarnation or version > have_version
+
+
+async def take_weights(sock, core, pending: list, counters: dict[str, int],
+                       on_new: Callable[[], None] = lambda: None) -> None:
+    """Receive weights for ``core`` (its ``net``, ``weights_version``, ``weights_incarnation``) forever: a
+    malformed message, or weights of another network, is dropped and counted in ``counters["rejected"]``;
+    the newest newer ones wait in ``pending`` for the stepping thread, which adopts them between steps."""
+    while True:
+        frames = await recv_latest(sock)
+        try:
+            w = decode_weights(frames)
+            why = weights_mismatch(core.net, w.names, w.arrays)
+            if why is not None:  # well-formed, but for another network: dropped, not a crash
+                raise WireError(why)
+        except WireError:
+            counters["rejected"] += 1
+            continue
+        if newer_weights(core.weights_incarnation, core.weights_version, w.incarnation, w.version):
+            pending[:] = [w]
+            on_new()
 
 
 async def main_async(cfg: C.ActorConfig) -> None:
@@ -268,20 +297,6 @@ async def main_async(cfg: C.ActorConfig) -> None:
             if chunk is not None:
                 send_until(exp, encode(chunk), stop)
 
-    async def receive_weights() -> None:
-        while True:
-            frames = await recv_latest(weights)
-            try:
-                w = decode_weights(frames)
-                why = weights_mismatch(core.net, w.names, w.arrays)
-                if why is not None:  # well-formed, but for another network: dropped, not a crash
-                    raise WireError(why)
-            except WireError:
-                counters["rejected"] += 1
-                continue
-            if newer_weights(core.weights_incarnation, core.weights_version, w.incarnation, w.version):
-                pending[:] = [w]
-
     async def report() -> None:
         skip = 4 if core.spec.atari else 1  # env frames per agent step (ALE frame-skip)
         last, last_steps = time.monotonic(), 0
@@ -304,7 +319,8 @@ async def main_async(cfg: C.ActorConfig) -> None:
                          "actor/rejected": counters["rejected"]})))
 
     try:
-        await run_role(stop, [receive_weights(), report()], [stepping], torch_threads=cfg.torch_threads)
+        await run_role(stop, [take_weights(weights, core, pending, counters), report()], [stepping],
+                       torch_threads=cfg.torch_threads)
     finally:
         socks.close()
         core.close()

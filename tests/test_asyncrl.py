@@ -145,7 +145,7 @@ def test_a3c_loss_gradient_equals_autograd_of_the_loss_written_out() -> None:
         h = -(torch.exp(logp_all) * logp_all).sum()
         adv = float((returns[i] - v[0]).detach())  # held constant in the policy term
         total = total - logp_all[actions[i]] * adv + c * (returns[i] - v[0]) ** 2 - beta * h
-        ent += float(h)
+        ent += float(h.detach())
         n += 1
     reference = total / n
     theirs = torch.autograd.grad(reference, list(net.parameters()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import signal
@@ -241,8 +242,15 @@ def plan_budgets(cfg: C.LaunchConfig, cores: int, learner_on_gpu: bool) -> dict[
     }
 
 
+def gpu_device_nodes() -> list[str]:
+    """The GPU driver's device nodes (NVIDIA's, or ROCm's /dev/kfd, which torch.cuda also serves)."""
+    return glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/kfd")
+
+
 def _learner_on_gpu(cfg: C.LaunchConfig) -> bool:
-    if cfg.device == "cpu":
+    # Importing torch to ask costs the launcher ~1 s (more while roles start) before any role starts:
+    # only ask when the machine has a GPU driver's device nodes at all.
+    if cfg.device == "cpu" or not gpu_device_nodes():
         return False
     import torch
     return torch.cuda.is_available()

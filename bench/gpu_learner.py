@@ -123,12 +123,13 @@ def graphed(learner, static, amp: bool):
 
     from learner.dqn import double_dqn_td
     net, target = learner.net, learner.target
-    group = learner.opt.param_groups[0]
-    if isinstance(learner.opt, torch.optim.Adam):
-        opt = torch.optim.Adam(net.parameters(), lr=group["lr"], eps=group["eps"], capturable=True)
+    from apex_zmq import optim
+    h = learner.opt.hyper  # the same update as torch.optim's, whose capturable variant a graph can replay
+    if isinstance(learner.opt, optim.Adam):
+        opt = torch.optim.Adam(net.parameters(), lr=h["lr"], betas=h["betas"], eps=h["eps"], capturable=True)
     else:
-        opt = torch.optim.RMSprop(net.parameters(), lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
-                                  centered=group["centered"], capturable=True)
+        opt = torch.optim.RMSprop(net.parameters(), lr=h["lr"], alpha=h["alpha"], eps=h["eps"],
+                                  centered=h["centered"], capturable=True)
     learner.opt = opt
 
     def body():

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apex_zmq import optim
 from apex_zmq.wire import SampleBatch, WireError, decompress_frames_tolerant
 
 
@@ -86,9 +87,9 @@ class DQNLearner:
         self.device_type = next(net.parameters()).device.type
         self.target = copy.deepcopy(net).requires_grad_(False)
         if optimizer == "adam":
-            self.opt = torch.optim.Adam(net.parameters(), lr=lr, eps=adam_eps)
+            self.opt = optim.Adam(net.parameters(), lr=lr, eps=adam_eps)
         elif optimizer == "rmsprop":
-            self.opt = torch.optim.RMSprop(net.parameters(), lr=lr, alpha=0.95, eps=1.5e-7, centered=True)
+            self.opt = optim.RMSprop(net.parameters(), lr=lr, alpha=0.95, eps=1.5e-7, centered=True)
         else:
             raise ValueError(f"optimizer must be 'adam' or 'rmsprop', got {optimizer!r}")
         self.target_update = target_update

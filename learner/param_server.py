@@ -17,6 +17,7 @@ import zmq
 from torch import nn
 
 from apex_zmq import config as C
+from apex_zmq import optim
 from apex_zmq.asyncrl import QWithTarget, gradient_mismatch, gradient_tensors, trainable
 from apex_zmq.transport import Sockets, install_stop, run_role, send_until
 from apex_zmq.wire import Gradients, Telemetry, WireError, decode_gradients, encode
@@ -44,7 +45,7 @@ class ParameterServer:
                  target_update: int, max_staleness: int) -> None:
         self.net = net
         self.params = [p for _, p in trainable(net)]
-        self.opt = torch.optim.RMSprop(self.params, lr=lr, alpha=alpha, eps=eps)
+        self.opt = optim.RMSprop(self.params, lr=lr, alpha=alpha, eps=eps)
         self.grad_clip = grad_clip
         self.target_update = target_update
         self.max_staleness = max_staleness

@@ -75,3 +75,27 @@ def test_asynchronous_family_has_no_replay_server_and_a_one_thread_learner(tmp_p
     roles = build_roles(cfg, tmp_path / "config.json", cores=16, learner_on_gpu=False)
     assert [r.name for r in roles] == ["evaluator", "learner"] + [f"actor-{i}" for i in range(15)]
     assert all(r.argv[-2:] == ["--torch-threads", "1"] for r in roles)
+
+
+_ASK_GPU = """
+import sys
+from apex_zmq import config as C, launch
+launch.gpu_device_nodes = lambda: {nodes!r}
+cfg = C.parse(C.LaunchConfig, ["--run-dir", {run_dir!r}, "--device", {device!r}], "run")
+print(launch._learner_on_gpu(cfg), "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("nodes,device,imports_torch", [
+    ([], "auto", False),                   # no GPU driver: the launcher does not pay torch's import
+    ([], "cpu", False),
+    (["/dev/nvidia0"], "auto", True),      # a driver's node: ask torch (this machine's answer)
+])
+def test_launcher_asks_torch_about_a_gpu_only_where_a_driver_is(tmp_path: Path, nodes: list[str], device: str,
+                                                                 imports_torch: bool) -> None:
+    import subprocess
+    import sys
+    code = _ASK_GPU.format(nodes=nodes, run_dir=str(tmp_path), device=device)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    on_gpu = imports_torch and torch.cuda.is_available()
+    assert out == [str(on_gpu), str(imports_torch)]

@@ -991,3 +991,63 @@ def test_arrays_travel_little_endian_whatever_the_sender_holds() -> None:
     w = decode_weights(frames)
     np.testing.assert_array_equal(w.arrays[0], le)
     assert compress_obs(be) == compress_obs(le)
+
+
+# --------------------------------------------------------------------------- decompression without a call per blob
+
+
+def _lz4_one_by_one(data: bytes, off: np.ndarray, size: int) -> list[bytes | None]:
+    """The plainest reference: lz4 on each blob; None where it fails or gives the wrong size."""
+    out: list[bytes | None] = []
+    for j in range(len(off) - 1):
+        try:
+            raw = lz4.block.decompress(data[off[j]:off[j + 1]], uncompressed_size=size)
+        except lz4.block.LZ4BlockError:
+            raw = None
+        out.append(raw if raw is not None and len(raw) == size else None)
+    return out
+
+
+OBS_KINDS = {
+    "cartpole": lambda rng: rng.normal(size=(40, 4)).astype(np.float32),        # 16 bytes: never shrinks
+    "short": lambda rng: rng.normal(size=(40, 3)).astype(np.float32),           # 12 bytes: 1-byte header
+    "long": lambda rng: rng.normal(size=(40, 70)).astype(np.float32),           # 280 bytes: extension bytes
+    "mixed": lambda rng: np.where(rng.random((40, 1)) < 0.5, 0.0,               # zero rows do shrink
+                                  rng.normal(size=(40, 8))).astype(np.float32),
+    "noise-u8": lambda rng: rng.integers(0, 256, size=(40, 600), dtype=np.uint8),  # 600 random bytes: literal too
+    "big-noise": lambda rng: rng.integers(0, 256, size=(6, 3000), dtype=np.uint8),  # over the numpy path's limit
+    "atari-like": lambda rng: np.repeat(rng.integers(0, 256, size=(6, 84, 1), dtype=np.uint8), 84, axis=2),
+}
+
+
+@pytest.mark.parametrize("kind", list(OBS_KINDS))
+def test_frames_decompress_as_lz4_does_blob_by_blob(kind):
+    obs = OBS_KINDS[kind](np.random.default_rng(3))
+    data, off = frame_table(compress_obs(obs))
+    size = obs[0].nbytes
+    if kind in ("cartpole", "short", "long", "noise-u8"):
+        assert np.all(np.diff(off) == len(data) // len(obs)), "all literal blobs: the reshape path"
+    frames, bad = decompress_frames_tolerant(data, off, obs.shape[1:], str(obs.dtype))
+    assert not bad.any()
+    ref = _lz4_one_by_one(data, off, size)
+    assert [f.tobytes() for f in frames] == ref
+    np.testing.assert_array_equal(frames, obs)
+    np.testing.assert_array_equal(decompress_frames(data, off, obs.shape[1:], str(obs.dtype)), obs)
+
+
+def test_a_bad_blob_among_literal_ones_is_flagged_and_the_rest_decode():
+    obs = cartpole_obs(12)
+    blobs = compress_obs(obs)
+    blobs[4] = b"\xf0\x05" + bytes(16)            # a literal header that promises 20 bytes, not 16
+    blobs[7] = blobs[7][:-1]                      # one byte short
+    blobs[9] = b"\x1f" + bytes(17)                # not literal-only, and not valid lz4 for 16 bytes
+    data, off = frame_table(blobs)
+    frames, bad = decompress_frames_tolerant(data, off, (4,), "float32")
+    ref = _lz4_one_by_one(data, off, 16)
+    assert bad.tolist() == [r is None for r in ref]
+    assert bad[[4, 7]].all()
+    keep = ~bad
+    np.testing.assert_array_equal(frames[keep], obs[keep])
+    assert not frames[bad].any()  # zeroed
+    with pytest.raises(WireError, match="blob 4"):
+        decompress_frames(data, off, (4,), "float32")

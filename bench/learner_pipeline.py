@@ -19,14 +19,19 @@ machine's size, not the pipeline (BENCHMARKS.md gives both).
 
     .venv/bin/python bench/learner_pipeline.py [--net both|cnn|mlp] [--batch N] [--threads 1]
 
+A third figure: the standalone step again while a busy-looping process occupies every other core
+(``beside_spinners``): on a machine whose cores share physical cores, the step is slower whenever
+anything runs beside it, which no pipeline can avoid.
+
 Last lines, one per network: ``net=<cnn|mlp> batch=<b> learner_steps_per_s=<x>
-standalone_steps_per_s=<y> efficiency=<x/y>``.
+standalone_steps_per_s=<y> efficiency=<x/y> standalone_busy_steps_per_s=<z> efficiency_vs_busy=<x/z>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import subprocess
 import sys
@@ -107,6 +112,24 @@ def standalone(env: str, batch: int, threads: int, seconds: float) -> float:
     return n / (time.monotonic() - t0)
 
 
+def beside_spinners(threads: int, fn, *args):
+    """``fn(*args)`` while a busy-looping process occupies each core the learner's threads leave.
+
+    The standalone figure is measured with the other cores idle; in the system the replay server, the
+    producer and the loader run on them. Where cores share a physical core (SMT siblings: a 2-vCPU cloud
+    VM is often one), work on one slows the other, so this figure is the step's speed on the machine as
+    the system leaves it at most, and ``in the system / this`` what the pipeline itself costs."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(max(0, (os.cpu_count() or 1) - threads))]
+    try:
+        time.sleep(0.5)
+        return fn(*args)
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--net", choices=("both", *NETS), default="both",
@@ -127,9 +150,12 @@ def main() -> None:
               f"waiting for data {wait:.1%} of the time", flush=True)
         alone = standalone(env, batch, args.threads, args.seconds)
         print(f"{net}: standalone: {alone:.1f} steps/s", flush=True)
+        busy = beside_spinners(args.threads, standalone, env, batch, args.threads, args.seconds)
+        print(f"{net}: standalone with the other cores busy-looping: {busy:.1f} steps/s", flush=True)
         print(f"{net}: network={what} batch={batch} threads={args.threads} device=cpu", flush=True)
         results.append(f"net={net} batch={batch} learner_steps_per_s={sys_rate:.1f} "
-                       f"standalone_steps_per_s={alone:.1f} efficiency={sys_rate / alone:.2f}")
+                       f"standalone_steps_per_s={alone:.1f} efficiency={sys_rate / alone:.2f} "
+                       f"standalone_busy_steps_per_s={busy:.1f} efficiency_vs_busy={sys_rate / busy:.2f}")
     for line in results:
         print(line)
 

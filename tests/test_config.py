@@ -343,10 +343,16 @@ def test_validate_errors_name_the_flag(cls, role, argv, flag):
 
 def test_presets_of_one_algorithm_on_one_env():
     rainbow = C.parse(LearnerConfig, ["--env", "CartPole-v1", "--algo", "rainbow"], "learner")
-    assert (rainbow.v_min, rainbow.v_max, rainbow.lr) == (0.0, 110.0, 1e-3)  # and the env's own
+    assert (rainbow.v_min, rainbow.v_max, rainbow.lr) == (0.0, 110.0, 2e-3)
+    assert rainbow.target_update == 250  # and the env's own
+    for algo in ("rainbow", "iqn"):
+        replay = C.parse(C.ReplayConfig, ["--env", "CartPole-v1", "--algo", algo], "replay_server")
+        assert replay.batch_size == 64
+        assert C.parse(C.ReplayConfig, ["--env", "CartPole-v1", "--algo", algo, "--batch-size", "32"],
+                       "replay_server").batch_size == 32  # flags over presets
     assert C.parse(ActorConfig, ["--env", "CartPole-v1", "--preset", "rainbow"], "actor").exploration == "ladder"
     iqn = C.parse(LearnerConfig, ["--env", "CartPole-v1", "--algo", "iqn"], "learner")
-    assert (iqn.iqn_n, iqn.iqn_n_prime, iqn.iqn_k, iqn.dueling) == (8, 8, 4, False)
+    assert (iqn.iqn_n, iqn.iqn_n_prime, iqn.iqn_k, iqn.dueling, iqn.lr) == (8, 8, 4, False, 2e-3)
     dqn = C.parse(LearnerConfig, ["--env", "CartPole-v1"], "learner")
     assert (dqn.v_max, dqn.iqn_n) == (LearnerConfig.v_max, LearnerConfig.iqn_n)
     pong = C.parse(LearnerConfig, ["--env", "ALE/Pong-v5", "--algo", "rainbow"], "learner")

@@ -22,7 +22,7 @@ from apex_zmq.transport import Sockets, get_until, install_stop, put_until, recv
 from apex_zmq.wire import PriorityUpdate, Telemetry, Weights, WireError, decode_sample, encode, new_incarnation
 
 from .algos import make_rule
-from .dqn import batch_from_sample
+from .dqn import Batch, batch_from_sample
 
 
 def pick_device(name: str) -> torch.device:
@@ -109,7 +109,9 @@ async def main_async(cfg: C.LearnerConfig) -> None:
     socks = Sockets(cfg.insecure, cfg.keys)
     # Each loader thread owns a PULL socket (the replay deals batches to them in turn): a batch goes
     # from ZeroMQ to the thread that decodes it with no hop through the event loop.
-    samples = [socks.connect(zmq.PULL, cfg.samples, hwm=1, sync=True) for _ in range(cfg.loader_threads)]
+    # --loader-threads 0: the trainer thread receives and decodes each batch itself (a small network on
+    # few cores: a loader thread beside it costs the step more in GIL hand-offs than decoding does).
+    samples = [socks.connect(zmq.PULL, cfg.samples, hwm=1, sync=True) for _ in range(max(1, cfg.loader_threads))]
     prios = socks.connect(zmq.PUSH, cfg.priorities, hwm=64, sync=True)  # owned by the trainer thread
     weights = socks.bind(zmq.PUB, cfg.weights, hwm=4)
     tel = socks.connect(zmq.PUB, cfg.telemetry)
@@ -119,26 +121,32 @@ async def main_async(cfg: C.LearnerConfig) -> None:
     counts = {"rejected": 0}
     latest = {"frames": core.weights(0)}
 
+    def receive(sock) -> Batch | None:
+        """The next good batch from ``sock`` (malformed ones are counted and dropped); None on stop."""
+        while (frames := recv_until(sock, stop)) is not None:
+            try:
+                return batch_from_sample(decode_sample(frames), core.spec.num_actions, core.device,
+                                         pin=core.device.type == "cuda", channels_last=core.channels_last,
+                                         obs_spec=(core.spec.obs_shape, core.spec.obs_dtype))
+            except WireError:
+                counts["rejected"] += 1
+        return None
+
     def loader(sock) -> None:
         # Decode and decompress ahead of the training step; lz4 and torch release the GIL. Loaders
         # index and copy small tensors: one torch thread each, the trainer has the role's budget.
         torch.set_num_threads(1)
-        while (frames := recv_until(sock, stop)) is not None:
-            try:
-                b = batch_from_sample(decode_sample(frames), core.spec.num_actions, core.device,
-                                      pin=core.device.type == "cuda", channels_last=core.channels_last,
-                                      obs_spec=(core.spec.obs_shape, core.spec.obs_dtype))
-            except WireError:
-                counts["rejected"] += 1
-                continue
+        while (b := receive(sock)) is not None:
             put_until(batch_q, b, stop)
+
+    next_batch = (lambda: get_until(batch_q, stop)) if cfg.loader_threads else (lambda: receive(samples[0]))
 
     def trainer() -> None:
         learner = core.learner
         last_weights = last_ckpt = time.monotonic()
         while not stop.is_set() and (cfg.max_learner_steps == 0 or learner.steps < cfg.max_learner_steps):
             t0 = time.perf_counter()
-            b = get_until(batch_q, stop)
+            b = next_batch()
             if b is None:
                 break
             t1 = time.perf_counter()
@@ -183,7 +191,8 @@ async def main_async(cfg: C.LearnerConfig) -> None:
 
     try:
         await run_role(stop, [publish(), report()],
-                       [trainer] + [functools.partial(loader, s) for s in samples], torch_threads=cfg.torch_threads)
+                       [trainer] + [functools.partial(loader, s) for s in samples[:cfg.loader_threads]],
+                       torch_threads=cfg.torch_threads)
     finally:
         socks.close()
 

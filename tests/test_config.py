@@ -334,6 +334,7 @@ def test_save_overwrites(tmp_path):
     (LearnerConfig, "learner", ["--algo", "onestep_q", "--rmsprop-eps", "0"], "--rmsprop-eps"),
     (LearnerConfig, "learner", ["--algo", "onestep_sarsa", "--noisy", "on"], "--noisy"),
     (LearnerConfig, "learner", ["--algo", "a3c", "--preset", "rainbow"], "--preset"),
+    (LearnerConfig, "learner", ["--loader-threads", "-1"], "--loader-threads"),
 ])
 def test_validate_errors_name_the_flag(cls, role, argv, flag):
     with pytest.raises(SystemExit) as e:

@@ -36,7 +36,7 @@ def _cfg(tmp_path: Path, *flags: str) -> C.LaunchConfig:
 
 
 @pytest.mark.parametrize("flags,cores,gpu,learner", [
-    (["--env", "CartPole-v1", "--num-actors", "1"], 2, False, RoleBudget(1.0, 1, 1 + 1 + 2)),   # 1 loader (preset)
+    (["--env", "CartPole-v1", "--num-actors", "1"], 2, False, RoleBudget(1.0, 1, 1 + 0 + 2)),   # no loader (preset)
     (["--env", "ALE/Pong-v5", "--num-actors", "14"], 16, False, RoleBudget(1.0, 1, 1 + 2 + 2)),
     (["--env", "ALE/Pong-v5", "--num-actors", "8"], 16, False, RoleBudget(6.0, 6, 6 + 2 + 2)),
     (["--env", "ALE/Pong-v5", "--num-actors", "8"], 16, True, RoleBudget(1.0, 1, 1 + 2 + 2)),

@@ -67,9 +67,11 @@ def _check_roles(run_dir: Path, out: str, algo: str, exploration: str, restarted
 
 
 def _best_plays(tmp_path: Path, run_dir: Path) -> None:
-    text, rows = _play(tmp_path, str(run_dir), "--episodes", "3")
+    text, rows = _play(tmp_path, str(run_dir), "--episodes", "5")
     returns = [float(r["return"]) for r in rows]
-    assert len(returns) == 3 and sum(returns) / 3 >= 100, (returns, text)  # a wrongly loaded one falls in ~10 steps
+    # A network that first reached 195 can be unsteady (3 episodes of one played 60, 80, 102); a wrongly
+    # loaded one falls in ~10 steps every time, a random policy in ~22.
+    assert len(returns) == 5 and sum(returns) / 5 >= 40, (returns, text)
 
 
 def test_a3c_reaches_195_while_fuzzed_and_survives_a_learner_crash(tmp_path: Path) -> None:
@@ -99,6 +101,9 @@ def test_a3c_reaches_195_while_fuzzed_and_survives_a_learner_crash(tmp_path: Pat
 
         # The learner crashes: the supervisor restarts it, it resumes from its checkpoint as a new
         # incarnation, the actor-learner takes its weights and its gradients are applied again.
+        # After its first checkpoint (a run can reach 195 before it: then there is nothing to resume).
+        _wait(proc, run_dir, log, "the learner's first checkpoint",
+              lambda: checkpoint.last_path(run_dir).exists(), 60)
         learner_pid = json.loads((run_dir / "roles.json").read_text())["learner"]["pid"]
         steps_before = _metric_max(run_dir, "learner/steps")
         os.kill(learner_pid, signal.SIGKILL)

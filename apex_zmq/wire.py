@@ -88,12 +88,14 @@ def _literal_frames(data: memoryview, offsets: np.ndarray, size: int, out: np.nd
 
     A blob that is exactly the literal header and ``size`` bytes decodes, under lz4's block format, to
     those bytes: the same result as ``lz4.block.decompress`` on it, without the call."""
-    hdr = _literal_header(size)
     m = len(offsets) - 1
+    if size > _LITERAL_MAX_BYTES:
+        return np.zeros(m, dtype=bool)
+    hdr = _literal_header(size)
     starts = np.asarray(offsets[:-1], dtype=np.int64)
     lit = np.diff(offsets) == len(hdr) + size
-    if size > _LITERAL_MAX_BYTES or not lit.any():
-        return np.zeros(m, dtype=bool)
+    if not lit.any():
+        return lit
     buf = np.frombuffer(data, dtype=np.uint8)
     for k, h in enumerate(hdr):
         lit[lit] = buf[starts[lit] + k] == h

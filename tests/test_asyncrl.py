@@ -149,7 +149,7 @@ def test_a3c_loss_gradient_equals_autograd_of_the_loss_written_out() -> None:
         n += 1
     reference = total / n
     theirs = torch.autograd.grad(reference, list(net.parameters()))
-    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
     assert float(entropy) == pytest.approx(ent / n, rel=1e-5)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -158,7 +158,7 @@ def test_a3c_loss_gradient_equals_autograd_of_the_loss_written_out() -> None:
 def test_q_loss_is_the_mean_squared_error_of_valid_steps() -> None:
     q = torch.tensor([[1.0, 2.0], [0.5, -1.0], [3.0, 0.0]], requires_grad=True)
     loss = q_loss(q, torch.tensor([1, 0, 1]), torch.tensor([3.0, 0.0, 9.0]), torch.tensor([True, True, False]))
-    assert float(loss) == pytest.approx(((3 - 2) ** 2 + (0 - 0.5) ** 2) / 2)
+    assert float(loss.detach()) == pytest.approx(((3 - 2) ** 2 + (0 - 0.5) ** 2) / 2)
     loss.backward()
     assert q.grad.tolist() == [[0.0, -1.0], [0.5, 0.0], [0.0, 0.0]]
 

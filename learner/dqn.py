@@ -109,7 +109,7 @@ class DQNLearner:
         loss = (b.weight * losses.float()).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+        self.opt.clip_grad_norm_(self.grad_clip)
         self.opt.step()
         self.steps += 1
         if self.steps % self.target_update == 0:

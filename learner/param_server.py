@@ -73,7 +73,7 @@ class ParameterServer:
         for p, t in zip(self.params, gradient_tensors(g.arrays, g.dtype)):
             p.grad = t.to(p.device)
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            self.opt.clip_grad_norm_(self.grad_clip)
         self.opt.step()
         self.steps += 1
         if isinstance(self.net, QWithTarget) and self.steps % self.target_update == 0:

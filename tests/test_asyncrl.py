@@ -287,7 +287,9 @@ def test_server_equals_a_plain_optimizer_given_the_same_gradients(dtype: str) ->
         opt.step()
     assert server.steps == 30 and server.stats.applied == 30
     for a, b in zip(net.state_dict().values(), reference.state_dict().values()):
-        assert torch.equal(a, b)
+        # The server clips with one norm over all its gradients (a flat buffer), torch with the norm of the
+        # per-tensor norms: the same global norm, rounded differently in the last bits.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_stale_and_foreign_gradients_are_dropped_and_counted() -> None:

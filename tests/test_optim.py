@@ -128,3 +128,49 @@ print("torch._dynamo" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False"]
+
+
+@pytest.mark.parametrize("name,ours,theirs", CASES, ids=[c[0] for c in CASES])
+def test_flat_buffer_path_with_clipping_matches_torch(name, ours, theirs) -> None:
+    """Parameters, gradients and state live in one flat buffer; zero_grad keeps the gradients views of
+    it, so backward adds into it; clipping with one norm matches torch's per-tensor one to rounding."""
+    a, b = _net(2), _net(2)
+    oa, ob = ours(a.parameters()), theirs(b.parameters(), True)
+    assert oa.flat is not None
+    for step in range(25):
+        x = torch.randn(32, 4, generator=torch.Generator().manual_seed(step))
+        oa.zero_grad()
+        ob.zero_grad()
+        (a(x) ** 2).mean().backward()
+        (b(x) ** 2).mean().backward()
+        for p in a.parameters():  # backward added into the flat buffer: no per-tensor copies
+            assert p.grad.untyped_storage().data_ptr() == oa.flat_grad.untyped_storage().data_ptr()
+        na = oa.clip_grad_norm_(1e-3)  # small enough to clip every step
+        nb = torch.nn.utils.clip_grad_norm_(list(b.parameters()), 1e-3)
+        torch.testing.assert_close(na, nb, rtol=1e-5, atol=0)  # rounding, compounded over the steps
+        assert float(nb) > 1e-3
+        oa.step()
+        ob.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert pa.untyped_storage().data_ptr() == oa.flat.untyped_storage().data_ptr()
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    # the network's own state dict and a load into it go through the views
+    sd = {k: v.clone() for k, v in a.state_dict().items()}
+    with torch.no_grad():
+        oa.flat.zero_()
+    a.load_state_dict(sd)
+    torch.testing.assert_close(oa.flat, torch.cat([v.reshape(-1) for v in sd.values()]))
+
+
+def test_parameters_of_two_dtypes_take_the_per_tensor_path() -> None:
+    net = _net(3)
+    net[2].double()
+    opt = optim.Adam(net.parameters(), lr=1e-2)
+    assert opt.flat is None
+    x = torch.randn(8, 4)
+    opt.zero_grad()
+    net[2](net[1](net[0](x)).double()).sum().backward()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt.clip_grad_norm_(1.0)
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip(net.parameters(), before))

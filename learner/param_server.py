@@ -12,7 +12,6 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import torch
 import zmq
 from torch import nn
 

@@ -70,7 +70,10 @@ class ParameterServer:
             self.stats.stale += 1
             return "stale"
         for p, t in zip(self.params, gradient_tensors(g.arrays, g.dtype)):
-            p.grad = t.to(p.device)
+            if p.grad is None:
+                p.grad = t.to(p.device)
+            else:  # the optimizer's flat gradient buffer: straight into it, one copy (and transfer)
+                p.grad.copy_(t)
         if self.grad_clip > 0:
             self.opt.clip_grad_norm_(self.grad_clip)
         self.opt.step()

@@ -236,8 +236,12 @@ class C51Dueling(_NoiseMixin, nn.Module):
 def cosine_embedding(taus: torch.Tensor, n_cos: int = 64) -> torch.Tensor:
     """cos(pi i tau) for i = 1..n_cos: [B, N] -> [B, N, n_cos] float32 (Dopamine's range; the paper's
     i = 0 term is a constant, redundant with the embedding layer's bias)."""
-    i = torch.arange(1, n_cos + 1, device=taus.device, dtype=torch.float32)
-    return torch.cos(math.pi * taus.float()[..., None] * i)
+    return torch.cos(taus.float()[..., None] * _frequencies(n_cos, taus.device))
+
+
+def _frequencies(n_cos: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """pi i for i = 1..n_cos, float32: the cosine embedding's frequencies."""
+    return (math.pi * torch.arange(1, n_cos + 1, dtype=torch.float64)).to(device, torch.float32)
 
 
 def sample_taus(batch: int, n: int, device: torch.device | str,
@@ -282,22 +286,40 @@ class IQNNet(_NoiseMixin, nn.Module):
         self.num_actions, self.n_cos, self.dueling = num_actions, n_cos, dueling
         # The embedding stays a plain layer (as Rainbow-IQN): exploration noise belongs to the heads.
         self.embed = nn.Linear(n_cos, features)
+        # A constant, so not in the state dict: computed once rather than every forward.
+        self.register_buffer("freq", _frequencies(n_cos), persistent=False)
         if dueling:
             self.value = _mlp_head(features, hidden, 1, noisy, sigma0)
             self.advantage = _mlp_head(features, hidden, num_actions, noisy, sigma0)
         else:
             self.head = _mlp_head(features, hidden, num_actions, noisy, sigma0)
 
+    def _quantiles(self, h: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        """Quantile values [B, N, A] from float32 torso features ``h`` [B, 1, F] at ``taus`` [B, N]."""
+        phi = torch.relu(self.embed(torch.cos(taus.float()[..., None] * self.freq)))  # [B, N, F]
+        x = h * phi
+        if not self.dueling:
+            return self.head(x)
+        a = self.advantage(x)  # [B, N, A]
+        return self.value(x) + a - a.mean(dim=-1, keepdim=True)
+
     def forward(self, obs: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         h = self.torso(obs)  # bf16 under autocast: computed once, shared by the N taus
         with torch.autocast(h.device.type, enabled=False):
-            h = h.float()
-            phi = torch.relu(self.embed(cosine_embedding(taus, self.n_cos)))  # [B, N, F]
-            x = h[:, None, :] * phi
-            if not self.dueling:
-                return self.head(x)
-            a = self.advantage(x)  # [B, N, A]
-            return self.value(x) + a - a.mean(dim=-1, keepdim=True)
+            return self._quantiles(h.float()[:, None, :], taus)
+
+    def forward_pair(self, obs: torch.Tensor, taus: torch.Tensor, obs2: torch.Tensor,
+                     taus2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(obs, taus)`` and, without gradients, ``forward(obs2, taus2)``, with one torso call
+        over both batches (on a small network a call's fixed cost outweighs its arithmetic; the heads run
+        apart so that the backward pass covers the first batch's quantiles only)."""
+        b = obs.shape[0]
+        h = self.torso(torch.cat([obs, obs2]))
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()[:, None, :]
+            with torch.no_grad():
+                quant2 = self._quantiles(h[b:], taus2)
+            return self._quantiles(h[:b], taus), quant2
 
     def q(self, obs: torch.Tensor, k: int = 32, generator: torch.Generator | None = None) -> torch.Tensor:
         """Expected values [B, A]: the mean of the quantile values at k taus ~ U(0, 1) per row."""
@@ -378,10 +400,11 @@ def iqn_loss(online: IQNNet, target: IQNNet, obs: torch.Tensor, action: torch.Te
     with torch.no_grad():
         taus_k = sample_taus(b, k, dev, generator) if taus_k is None else taus_k
         taus_prime = sample_taus(b, n_prime, dev, generator) if taus_prime is None else taus_prime
-        y = _iqn_target(online(next_obs, taus_k), target(next_obs, taus_prime), ret, disc)
+        quant_target = target(next_obs, taus_prime)
     taus = sample_taus(b, n, dev, generator) if taus is None else taus
-    pred = _gather_action(online(obs, taus), action)
-    return quantile_huber_loss(pred, y, taus, kappa)
+    quant, quant_select = online.forward_pair(obs, taus, next_obs, taus_k)
+    y = _iqn_target(quant_select, quant_target, ret, disc)
+    return quantile_huber_loss(_gather_action(quant, action), y, taus, kappa)
 
 
 # ----------------------------------------------------------------------------- priorities (actor)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from apex_zmq.distributional import iqn_loss, resample_noise
+from apex_zmq.distributional import iqn_loss
 
 from .dqn import Batch, DQNLearner
 
@@ -26,8 +26,7 @@ class IQNLearner(DQNLearner):
         self.n, self.n_prime, self.k, self.kappa = n, n_prime, k, kappa
 
     def per_sample(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        resample_noise(self.net)
-        resample_noise(self.target)
+        self.resample_noise()
         loss = iqn_loss(self.net, self.target, b.obs, b.action, b.ret, b.disc, b.next_obs,
                         n=self.n, n_prime=self.n_prime, k=self.k, kappa=self.kappa)
         return loss, loss.detach()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from apex_zmq.distributional import rainbow_loss, resample_noise
+from apex_zmq.distributional import rainbow_loss
 
 from .dqn import Batch, DQNLearner
 
@@ -19,7 +19,6 @@ class RainbowLearner(DQNLearner):
     """``DQNLearner`` with Rainbow's per-sample loss; fresh noise in both networks every step."""
 
     def per_sample(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        resample_noise(self.net)
-        resample_noise(self.target)
+        self.resample_noise()
         loss = rainbow_loss(self.net, self.target, b.obs, b.action, b.ret, b.disc, b.next_obs)
         return loss, loss.detach()

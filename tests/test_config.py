@@ -354,6 +354,10 @@ def test_presets_of_one_algorithm_on_one_env():
     assert C.parse(ActorConfig, ["--env", "CartPole-v1", "--preset", "rainbow"], "actor").exploration == "ladder"
     iqn = C.parse(LearnerConfig, ["--env", "CartPole-v1", "--algo", "iqn"], "learner")
     assert (iqn.iqn_n, iqn.iqn_n_prime, iqn.iqn_k, iqn.dueling, iqn.lr) == (8, 8, 4, False, 2e-3)
+    held = C.parse(C.ReplayConfig, ["--env", "CartPole-v1", "--algo", "iqn"], "replay_server")
+    assert (held.samples_per_insert, held.spi_block_inserts) == (8.0, True)
+    free = C.parse(C.ReplayConfig, ["--env", "CartPole-v1", "--algo", "dqn"], "replay_server")
+    assert (free.samples_per_insert, free.spi_block_inserts) == (0.0, False)
     dqn = C.parse(LearnerConfig, ["--env", "CartPole-v1"], "learner")
     assert (dqn.v_max, dqn.iqn_n) == (LearnerConfig.v_max, LearnerConfig.iqn_n)
     pong = C.parse(LearnerConfig, ["--env", "ALE/Pong-v5", "--algo", "rainbow"], "learner")

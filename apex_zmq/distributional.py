@@ -135,6 +135,18 @@ def resample_noise(net: nn.Module, batch: int | None = None,
         m.reset_noise(batch, generator)
 
 
+def resample_shared_noise(layers: list[NoisyLinear]) -> None:
+    """``reset_noise()`` (one sample for the whole batch) on each of ``layers``, drawn as one tensor:
+    the same distribution in a few kernels, not a dozen per layer (a learner step resamples 8 layers)."""
+    if not layers:
+        return
+    w = layers[0].weight_mu
+    sizes = [n for m in layers for n in (m.in_features, m.out_features)]
+    eps = NoisyLinear._f(torch.randn(sum(sizes), device=w.device)).to(w.dtype).split(sizes)
+    for i, m in enumerate(layers):
+        m.eps_in, m.eps_out = eps[2 * i], eps[2 * i + 1]
+
+
 def _linear(in_features: int, out_features: int, noisy: bool, sigma0: float) -> nn.Module:
     return NoisyLinear(in_features, out_features, sigma0) if noisy else nn.Linear(in_features, out_features)
 

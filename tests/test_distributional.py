@@ -25,6 +25,7 @@ from apex_zmq.distributional import (
     quantile_huber_loss,
     rainbow_loss,
     rainbow_priorities_from_outputs,
+    resample_shared_noise,
     sample_taus,
     set_noise,
 )
@@ -446,3 +447,27 @@ def test_a_few_adam_steps_lower_the_loss_on_a_fixed_batch(algo: str) -> None:
     assert all(p.grad is not None for p in net.parameters())
     assert all(p.grad is None for p in target.parameters())
     assert float((weight * loss_now()).mean().detach()) < 0.6 * first
+
+
+def test_resample_shared_noise_draws_every_layer_once_from_the_factorised_distribution() -> None:
+    net = build_distributional_network(VECTOR, 16, "rainbow", noisy=True)
+    layers = noisy_layers(net)
+    assert len(layers) == 4
+    torch.manual_seed(13)
+    resample_shared_noise(layers)
+    first = [(m.eps_in.clone(), m.eps_out.clone()) for m in layers]
+    for m, (e_in, e_out) in zip(layers, first):
+        assert e_in.shape == (m.in_features,) and e_out.shape == (m.out_features,)  # shared: no batch dim
+    torch.manual_seed(13)
+    resample_shared_noise(layers)  # the same seed, the same noise
+    for m, (e_in, e_out) in zip(layers, first):
+        assert torch.equal(m.eps_in, e_in) and torch.equal(m.eps_out, e_out)
+    # f(x) = sign(x) sqrt(|x|) of standard normals: mean 0, E f^2 = E|x| = sqrt(2 / pi); fresh each call.
+    draws = []
+    for _ in range(400):
+        resample_shared_noise(layers)
+        draws.append(torch.cat([t for m in layers for t in (m.eps_in, m.eps_out)]))
+    x = torch.stack(draws)
+    assert abs(float(x.mean())) < 0.01 and abs(float((x * x).mean()) - math.sqrt(2 / math.pi)) < 0.01
+    assert not torch.equal(x[0], x[1])
+    resample_shared_noise([])  # no noisy layers: nothing to do

@@ -324,7 +324,8 @@ class IQNNet(_NoiseMixin, nn.Module):
                      taus2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward(obs, taus)`` and, without gradients, ``forward(obs2, taus2)``, with one torso call
         over both batches (on a small network a call's fixed cost outweighs its arithmetic; the heads run
-        apart so that the backward pass covers the first batch's quantiles only)."""
+        apart so that the backward pass covers the first batch's quantiles only). Noisy layers must hold
+        shared noise (the learner's), not per-row noise for one batch."""
         b = obs.shape[0]
         h = self.torso(torch.cat([obs, obs2]))
         with torch.autocast(h.device.type, enabled=False):

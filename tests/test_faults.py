@@ -30,11 +30,11 @@ BOUND_S = 360.0
 class Run:
     """A launcher run and what it has written so far."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, *flags: str) -> None:
         self.dir = run_dir
         argv = [sys.executable, "-m", "apex_zmq.launch", "--env", "CartPole-v1", "--run-dir", str(run_dir),
                 "--port-base", str(free_port_base()), "--num-actors", "2", "--dashboard-port", "0",
-                "--checkpoint-period", "2", "--snapshot-period", "2", "--max-seconds", str(BOUND_S)]
+                "--checkpoint-period", "2", "--snapshot-period", "2", "--max-seconds", str(BOUND_S), *flags]
         self.out = open(run_dir.parent / "launcher.log", "wb")
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT)
 
@@ -89,7 +89,9 @@ def _grows(run: Run, tag: str, since: float) -> bool:
 
 def test_kill9_actor_replay_learner_run_recovers_and_reaches_target(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run = Run(run_dir)
+    # One loader thread (CartPole's preset has none): its queue holds more batches of the old replay
+    # for step 2's stale updates.
+    run = Run(run_dir, "--loader-threads", "1")
     try:
         run.wait("learning to start", lambda: any(v > 50 for _, v in run.metric("learner/steps")))
         run.wait("a replay snapshot", lambda: (run_dir / "replay" / "snapshot.npz").exists())
@@ -113,9 +115,18 @@ def test_kill9_actor_replay_learner_run_recovers_and_reaches_target(tmp_path: Pa
         assert json.loads((run_dir / "config_actor_0.json").read_text())["restart"] == 1
 
         # 2. The replay server: restarted from its snapshot; actors and learner reconnect by themselves.
-        run.kill9("replay_server")
-        t = time.time()
-        run.wait("the replay restored", lambda: "restored" in (run_dir / "logs" / "replay_server.log").read_text())
+        # The learner is paused across the restart so that it still holds batches the old replay sampled
+        # once the new one is up (left running, it trained on them and sent their updates into the dead
+        # connection within milliseconds, and ~1 run in 4 had none left to count).
+        learner_pid = run.roles()["learner"]["pid"]
+        os.kill(learner_pid, signal.SIGSTOP)
+        try:
+            run.kill9("replay_server")
+            t = time.time()
+            run.wait("the replay restored",
+                     lambda: "restored" in (run_dir / "logs" / "replay_server.log").read_text())
+        finally:
+            os.kill(learner_pid, signal.SIGCONT)
         restored = int(re.findall(r"restored (\d+) transitions",
                                   (run_dir / "logs" / "replay_server.log").read_text())[-1])
         assert restored > 0

@@ -245,10 +245,13 @@ class C51Dueling(_NoiseMixin, nn.Module):
 # ----------------------------------------------------------------------------- IQN
 
 
-def cosine_embedding(taus: torch.Tensor, n_cos: int = 64) -> torch.Tensor:
+def cosine_embedding(taus: torch.Tensor, n_cos: int = 64, freq: torch.Tensor | None = None) -> torch.Tensor:
     """cos(pi i tau) for i = 1..n_cos: [B, N] -> [B, N, n_cos] float32 (Dopamine's range; the paper's
-    i = 0 term is a constant, redundant with the embedding layer's bias)."""
-    return torch.cos(taus.float()[..., None] * _frequencies(n_cos, taus.device))
+    i = 0 term is a constant, redundant with the embedding layer's bias). ``freq``: the pi i already
+    computed (``IQNNet.freq``), else computed here."""
+    if freq is None:
+        freq = _frequencies(n_cos, taus.device)
+    return torch.cos(taus.float()[..., None] * freq)
 
 
 def _frequencies(n_cos: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -308,7 +311,7 @@ class IQNNet(_NoiseMixin, nn.Module):
 
     def _quantiles(self, h: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         """Quantile values [B, N, A] from float32 torso features ``h`` [B, 1, F] at ``taus`` [B, N]."""
-        phi = torch.relu(self.embed(torch.cos(taus.float()[..., None] * self.freq)))  # [B, N, F]
+        phi = torch.relu(self.embed(cosine_embedding(taus, freq=self.freq)))  # [B, N, F]
         x = h * phi
         if not self.dueling:
             return self.head(x)

@@ -24,6 +24,7 @@ from apex_zmq.networks import (
     int8_engine,
     load_arrays,
     make_acting_network,
+    nature_cnn,
     weights_mismatch,
 )
 from apex_zmq.transport import Sockets, install_stop, recv_latest, run_role, send_until
@@ -139,7 +140,7 @@ class ActorCore:
         K = cfg.envs_per_actor
         self.net = build_network(self.spec, cfg.hidden, cfg.algo, **C.net_options(cfg)).eval()
         if cfg.algo == "dqn":
-            self.acting = choose_acting(cfg.acting_dtype, len(self.spec.obs_shape) == 3, cpu.detect(),
+            self.acting = choose_acting(cfg.acting_dtype, nature_cnn(self.spec), cpu.detect(),
                                         int8_engine())
             self.policy = make_acting_network(self.net, self.acting)
         else:  # the fast copies are dqn's network only (config.validate refuses asking for them)

@@ -9,10 +9,15 @@ the one form every role sees: float32 vectors, channel-first images, actions 0..
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
+
+from . import minatar_envs
+
+minatar_envs.register()  # cheap: ids only; the games load when an env is made
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,9 @@ class EnvSpec:
     obs_dtype: str
     num_actions: int
     atari: bool
+    # The largest pixel value of an image observation (the space's ``high``): the networks scale images
+    # by 1 / pixel_max, so Atari's 0..255 frames and MinAtar's 0/1 object channels both enter as [0, 1].
+    pixel_max: int = 255
 
 
 # The smallest image side the CNN takes (networks.py: two 3x3 convolutions, the second of stride 2).
@@ -95,12 +103,22 @@ def adapt_env(env: gym.Env, env_id: str) -> gym.Env:
     return env
 
 
+def make_env(env_id: str, **kwargs) -> gym.Env:
+    """``gym.make(env_id)``, without gymnasium's "out of date" warning for ``MinAtar/<Game>-v0`` (its
+    all-actions version, the published one, is kept on purpose beside the minimal-action ``-v1``)."""
+    if not minatar_envs.is_minatar(env_id):
+        return gym.make(env_id, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is out of date.*")
+        return gym.make(env_id, **kwargs)
+
+
 def check_env(env_id: str) -> None:
     """Make one ``env_id`` and check its spaces (``UnsupportedEnv``); ALE ids always fit. Unknown ids
     raise gymnasium's own errors (``gym.error.Error``)."""
     if is_atari(env_id):
         return
-    env = gym.make(env_id)
+    env = make_env(env_id)
     try:
         check_spaces(env_id, env.observation_space, env.action_space)
     finally:
@@ -145,7 +163,7 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, *, num_threads: int =
             full_action_space=full_action_space, max_num_frames_per_episode=max_frames,
             noop_max=noop_max)
     else:
-        env = gym.vector.SyncVectorEnv([lambda: adapt_env(gym.make(env_id, render_mode=render_mode), env_id)
+        env = gym.vector.SyncVectorEnv([lambda: adapt_env(make_env(env_id, render_mode=render_mode), env_id)
                                         for _ in range(num_envs)],
                                        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     env.reset(seed=seed)
@@ -157,7 +175,10 @@ def env_spec(env_id: str) -> EnvSpec:
     env = make_vector_env(env_id, 1, seed=0)
     try:
         space = env.single_observation_space
+        pixel_max = 255
+        if len(space.shape) == 3 and isinstance(space, gym.spaces.Box) and np.all(np.isfinite(space.high)):
+            pixel_max = max(1, int(np.max(space.high)))
         return EnvSpec(env_id, tuple(int(d) for d in space.shape), str(np.dtype(space.dtype)),
-                       int(env.single_action_space.n), is_atari(env_id))
+                       int(env.single_action_space.n), is_atari(env_id), pixel_max)
     finally:
         env.close()

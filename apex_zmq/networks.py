@@ -44,11 +44,14 @@ NATURE_MIN_SIDE = 36  # the smallest side the Nature kernels fit (conv3 sees 1x1
 
 
 class NatureTorso(nn.Module):
-    """Convolutions over uint8 [B, C, H, W] images (scaled to [0, 1] here): by default Mnih et al.
-    2015's over Atari's [B, 4, 84, 84] frame stacks, ``SMALL_CONVS`` for images under 36x36."""
+    """Convolutions over uint8 [B, C, H, W] images (scaled to [0, 1] here by 1 / ``pixel_max``: 255 for
+    Atari's frames, 1 for MinAtar's 0/1 object channels): by default Mnih et al. 2015's over Atari's
+    [B, 4, 84, 84] frame stacks, ``SMALL_CONVS`` for images under 36x36."""
 
-    def __init__(self, channels: int, convs: tuple[tuple[int, int, int], ...] = NATURE_CONVS) -> None:
+    def __init__(self, channels: int, convs: tuple[tuple[int, int, int], ...] = NATURE_CONVS,
+                 pixel_max: int = 255) -> None:
         super().__init__()
+        self.scale = 1.0 / pixel_max
         layers: list[nn.Module] = []
         for out, kernel, stride in convs:
             layers += [nn.Conv2d(channels, out, kernel, stride=stride), nn.ReLU()]
@@ -56,12 +59,18 @@ class NatureTorso(nn.Module):
         self.net = nn.Sequential(*layers, nn.Flatten())
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs.float() / 255.0)
+        return self.net(obs.float() * self.scale)
 
 
 def conv_layers_for(obs_shape: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
     """The convolutions for [C, H, W] images: Nature's where they fit, else the small ones."""
     return NATURE_CONVS if min(obs_shape[1:]) >= NATURE_MIN_SIDE else SMALL_CONVS
+
+
+def nature_cnn(spec: EnvSpec) -> bool:
+    """Whether ``spec``'s network is the Nature CNN over 0..255 frames (what the int8 acting copy takes;
+    smaller images such as MinAtar's get the small convolutions, cheap enough in float32)."""
+    return len(spec.obs_shape) == 3 and conv_layers_for(spec.obs_shape) == NATURE_CONVS and spec.pixel_max == 255
 
 
 def build_network(spec: EnvSpec, hidden: int, algo: str = "dqn", **options: Any) -> nn.Module:
@@ -87,7 +96,7 @@ def build_torso(spec: EnvSpec, hidden: int) -> tuple[nn.Module, int]:
     """(feature torso, feature count) shared by every algorithm's network: a CNN for [C, H, W] uint8
     images at their own size (``conv_layers_for``), else one hidden layer of ``hidden`` units."""
     if len(spec.obs_shape) == 3:
-        torso = NatureTorso(spec.obs_shape[0], conv_layers_for(spec.obs_shape))
+        torso = NatureTorso(spec.obs_shape[0], conv_layers_for(spec.obs_shape), spec.pixel_max)
         with torch.no_grad():
             features = torso(torch.zeros(1, *spec.obs_shape, dtype=torch.uint8)).shape[1]
         return torso, int(features)
@@ -203,7 +212,7 @@ class ActingNetwork(nn.Module):
         """Copy (and rearrange) the weights of ``net``."""
         self.torso.load_state_dict(net.torso.state_dict())
         if self.folded:
-            self.torso.net[0].weight.mul_(1.0 / 255.0)
+            self.torso.net[0].weight.mul_(self.torso.scale)
         v0, a0 = net.value[0], net.advantage[0]
         self.head.weight.copy_(torch.cat([v0.weight, a0.weight]))
         self.head.bias.copy_(torch.cat([v0.bias, a0.bias]))
@@ -238,8 +247,8 @@ class Int8ActingNetwork(nn.Module):
         from torch.ao.nn.intrinsic import quantized as nniq  # only this path needs torch.ao
 
         engine = int8_engine()
-        if engine is None or not isinstance(net.torso, NatureTorso):
-            raise ValueError("int8 acting needs the Nature CNN and torch's x86 int8 kernels")
+        if engine is None or not isinstance(net.torso, NatureTorso) or net.torso.scale != 1.0 / 255:
+            raise ValueError("int8 acting needs the Nature CNN over 0..255 frames and torch's x86 int8 kernels")
         if levels not in (127, 255):
             raise ValueError(f"int8 activation levels must be 127 or 255, got {levels}")
         torch.backends.quantized.engine = engine

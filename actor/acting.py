@@ -5,8 +5,8 @@ stores per observation the outputs its rule's priority needs, so the initial pri
 same forward pass that chose the actions, the actor's network standing in for online and target:
 
 - dqn: Q [A] (from the acting copy: float32, bf16 or int8); priority |TD|.
-- rainbow: log-probabilities [A, atoms]; Q = sum of atoms times probabilities; priority = the C51
-  cross-entropy to the projected target.
+- rainbow: log-probabilities [A, atoms]; Q = sum of atoms times probabilities; priority = the KL
+  divergence of the projected target from the prediction (the learner's, not its cross-entropy loss).
 - iqn: quantile values at K (``--iqn-k``) fresh taus, with the taus: [K, A + 1]; Q = their mean;
   priority = the quantile-Huber loss (rescaled to the learner's N quantiles).
 

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 import zmq
+from torch import nn
 
 from apex_zmq import config as C
 from apex_zmq.asyncrl import a3c_loss, gradient_arrays, nstep_cut, q_loss, q_targets, segment_returns
@@ -117,33 +118,46 @@ class ActorLearnerCore:
 
     def _gradients(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, term: np.ndarray,
                    trunc: np.ndarray, valid: np.ndarray) -> Gradients:
-        T, K = rewards.shape
         cfg, net = self.cfg, self.net
-        x = torch.as_tensor(obs).reshape((T + 1) * K, *self.spec.obs_shape)
-        r, te, tr = torch.as_tensor(rewards), torch.as_tensor(term), torch.as_tensor(trunc)
-        a = torch.as_tensor(actions)
-        mask = torch.as_tensor(valid).reshape(-1)
         net.zero_grad(set_to_none=True)
-        if cfg.algo == "a3c":
-            logits, values = net(x)  # one batch: s_0..s_T (the last row only bootstraps)
-            boot = values[K:].detach().reshape(T, K)
-            returns = segment_returns(r, te, nstep_cut(tr), boot, cfg.gamma)
-            loss, entropy = a3c_loss(logits[:T * K], values[:T * K], a[:T].reshape(-1), returns.reshape(-1), mask,
+        loss, entropy = segment_loss(cfg.algo, net, obs, actions, rewards, term, trunc, valid, cfg.gamma,
                                      cfg.entropy_beta, cfg.value_coef)
-            self.entropy = float(entropy)
-        else:
-            q = net.online(x[:T * K])
-            with torch.no_grad():
-                next_q = net.target(x[K:]).reshape(T, K, -1)
-            y = q_targets(cfg.algo, r, te, tr, next_q, a[1:], cfg.gamma)
-            loss = q_loss(q, a[:T].reshape(-1), y.reshape(-1), mask)
         loss.backward()
         self.loss = float(loss.detach())
+        if cfg.algo == "a3c":
+            self.entropy = float(entropy)
         names, arrays = gradient_arrays(net, cfg.gradient_dtype)
         self.seq += 1
         return Gradients(sender=self.name, seq=self.seq, version=self.weights_version, names=names, arrays=arrays,
                          dtype=cfg.gradient_dtype, incarnation=self.weights_incarnation, steps=int(valid.sum()),
                          loss=self.loss, entropy=self.entropy if cfg.algo == "a3c" else 0.0)
+
+
+def segment_loss(algo: str, net: nn.Module, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+                 term: np.ndarray, trunc: np.ndarray, valid: np.ndarray, gamma: float, entropy_beta: float = 0.01,
+                 value_coef: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mean policy entropy: a3c's, else 0) of ``algo`` on one recorded segment, to backpropagate.
+
+    obs [T+1, K, ...] (s_0..s_T); actions [T+1, K] (the last row: the action chosen at s_T, which only
+    onestep_sarsa reads); rewards, term, trunc, valid [T, K] (see ``apex_zmq.asyncrl``). ``net`` is the
+    weights the segment was acted with: ``ActorCritic`` for a3c, ``QWithTarget`` for the Q algorithms.
+    """
+    T, K = rewards.shape
+    x = torch.as_tensor(obs).reshape((T + 1) * K, *obs.shape[2:])
+    r, te, tr = torch.as_tensor(rewards), torch.as_tensor(term), torch.as_tensor(trunc)
+    a = torch.as_tensor(actions)
+    mask = torch.as_tensor(valid).reshape(-1)
+    if algo == "a3c":
+        logits, values = net(x)  # one batch: s_0..s_T (the last row only bootstraps)
+        boot = values[K:].detach().reshape(T, K)
+        returns = segment_returns(r, te, nstep_cut(tr), boot, gamma)
+        return a3c_loss(logits[:T * K], values[:T * K], a[:T].reshape(-1), returns.reshape(-1), mask,
+                        entropy_beta, value_coef)
+    q = net.online(x[:T * K])
+    with torch.no_grad():
+        next_q = net.target(x[K:]).reshape(T, K, -1)
+    y = q_targets(algo, r, te, tr, next_q, a[1:], gamma)
+    return q_loss(q, a[:T].reshape(-1), y.reshape(-1), mask), torch.zeros(())
 
 
 async def main_async(cfg: C.ActorConfig) -> None:

@@ -12,8 +12,9 @@ Conventions:
     term is the constant 1, a duplicate of the embedding layer's bias).
   * The quantile-Huber loss of one sample is summed over the N predicted quantiles and averaged over
     the N' target quantiles (Dabney et al. 2018 eq. 3, as Dopamine and the seed system).
-  * Per-sample losses come back unreduced, [B]: the learner weights them by the IS weights and means,
-    and sends them (detached) as the new priorities (Kaixhin's Rainbow, the seed system).
+  * Per-sample losses come back unreduced, [B]: the learner weights them by the IS weights and means.
+    The new priorities: IQN's detached loss (as the seed system); Rainbow's the KL divergence
+    KL(m || p) = cross-entropy - H(m) (Hessel et al. 2018), not the cross-entropy it minimises.
   * Heads, embeddings, losses and priorities run in float32 with autocast disabled (as
     ``networks.Dueling``); only the torso may run in bf16 under autocast.
   * Noise: ``NoisyLinear`` noise buffers are not in the state dict (weights messages and checkpoints
@@ -209,6 +210,23 @@ def categorical_loss(logits_sa: torch.Tensor, target_probs: torch.Tensor) -> tor
     return -(target_probs.detach().float() * F.log_softmax(logits_sa.float(), dim=-1)).sum(-1)
 
 
+def categorical_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy -sum_i m_i log m_i per row, [B] float32, with 0 log 0 = 0 (a projected target has empty atoms)."""
+    p = probs.detach().float()
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def categorical_kl(cross_entropy: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """KL(m || p) = cross-entropy - H(m) per sample, [B], from ``categorical_loss``' cross-entropy (detached).
+
+    Rainbow prioritises by the KL divergence (Hessel et al. 2018): the cross-entropy adds the target's
+    entropy H(m), which is large for a diffuse target whatever the prediction, and would rank a
+    well-predicted wide distribution above a badly predicted narrow one. Rounding can leave a KL of
+    ~-1e-7 where p = m: clamped at 0 (a priority must not be negative).
+    """
+    return (cross_entropy.detach().float() - categorical_entropy(target_probs)).clamp_min(0.0)
+
+
 class C51Dueling(_NoiseMixin, nn.Module):
     """Dueling distributional head (C51, Rainbow) on a feature torso.
 
@@ -376,15 +394,24 @@ def _c51_target(logp_next_select: torch.Tensor, logp_next_target: torch.Tensor, 
     return categorical_projection(p_next, ret, disc, support)
 
 
-def rainbow_loss(online: C51Dueling, target: C51Dueling, obs: torch.Tensor, action: torch.Tensor,
-                 ret: torch.Tensor, disc: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
-    """Per-sample C51 cross-entropy [B] (float32) with double-DQN action selection: a* = argmax of the
-    online network's expected Q at next_obs, target distribution = target network's at (next_obs,
-    a*) projected through ret + disc z. Differentiable in ``online``'s parameters only. The detached
-    loss is the new priority. Noise is whatever the networks currently hold (resample it before)."""
+def rainbow_loss_and_priority(online: C51Dueling, target: C51Dueling, obs: torch.Tensor, action: torch.Tensor,
+                              ret: torch.Tensor, disc: torch.Tensor,
+                              next_obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample C51 cross-entropy [B] float32, its KL divergence [B] detached: the new priority), with
+    double-DQN action selection: a* = argmax of the online network's expected Q at next_obs, target
+    distribution m = target network's at (next_obs, a*) projected through ret + disc z. The loss is
+    differentiable in ``online``'s parameters only (its gradient is the KL's: H(m) is a constant).
+    Noise is whatever the networks currently hold (resample it before)."""
     with torch.no_grad():
         m = _c51_target(online(next_obs), target(next_obs), ret, disc, online.support)
-    return categorical_loss(online(obs)[_rows(obs), action], m)
+    loss = categorical_loss(online(obs)[_rows(obs), action], m)
+    return loss, categorical_kl(loss, m)
+
+
+def rainbow_loss(online: C51Dueling, target: C51Dueling, obs: torch.Tensor, action: torch.Tensor,
+                 ret: torch.Tensor, disc: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+    """The per-sample C51 cross-entropy [B] of ``rainbow_loss_and_priority`` (the loss alone)."""
+    return rainbow_loss_and_priority(online, target, obs, action, ret, disc, next_obs)[0]
 
 
 def _gather_action(quant: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -436,12 +463,12 @@ def rainbow_priorities_from_outputs(logp_obs: np.ndarray | torch.Tensor, logp_bo
                                     disc: np.ndarray | torch.Tensor,
                                     support: np.ndarray | torch.Tensor) -> np.ndarray:
     """Initial priorities [M] float32 from outputs the actor already has: ``C51Dueling`` log-probs
-    [M, A, atoms] at each transition's observation and at its bootstrap observation. The same
-    maths as ``rainbow_loss`` with one network as online and target (equal to it, noise off)."""
+    [M, A, atoms] at each transition's observation and at its bootstrap observation: the KL divergence
+    of ``rainbow_loss_and_priority`` with one network as online and target (equal to it, noise off)."""
     lo, lb = _tensor(logp_obs), _tensor(logp_boot)
     m = _c51_target(lb, lb, _tensor(ret), _tensor(disc), _tensor(support))
-    loss = categorical_loss(lo[_rows(lo), _tensor(actions, torch.long)], m)
-    return loss.cpu().numpy().astype(np.float32)
+    kl = categorical_kl(categorical_loss(lo[_rows(lo), _tensor(actions, torch.long)], m), m)
+    return kl.cpu().numpy().astype(np.float32)
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """The actors of each learning rule: acting on expected values, initial priorities equal to the learner's
-loss with the actor's network as online and target, exploration by the ladder, noisy layers or both."""
+priority (rainbow: the KL divergence; dqn, iqn: the loss) with the actor's network as online and target, exploration by the ladder, noisy layers or both."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from actor.acting import IQNActing, RainbowActing, make_acting
 from actor.main import ActorCore
 from actor.nstep import SegmentBuffer
 from apex_zmq import config as C
-from apex_zmq.distributional import iqn_loss, rainbow_loss, set_noise
+from apex_zmq.distributional import iqn_loss, rainbow_loss_and_priority, set_noise
 from apex_zmq.envs import env_spec
 from apex_zmq.networks import build_network, q_values
 
@@ -40,16 +40,16 @@ def _run_segment(acting, rng: np.random.Generator) -> tuple[dict, np.ndarray, li
     return seg.emit(), obs_all.reshape(-1, 4), seg
 
 
-def test_rainbow_actor_priorities_are_the_learner_loss_with_its_own_network() -> None:
+def test_rainbow_actor_priorities_are_the_learner_priority_with_its_own_network() -> None:
     net = _net("rainbow", atoms=11, vmin=-5.0, vmax=5.0, noisy=True)
     acting = RainbowActing(net, SPEC.num_actions, 11, noisy_exploration=False, generator=torch.Generator())
     f, obs, _ = _run_segment(acting, np.random.default_rng(1))
     assert len(f["priority"]) > 0
     with torch.no_grad():
-        loss = rainbow_loss(net, net, torch.as_tensor(obs[f["obs_idx"]]), torch.as_tensor(f["action"]).long(),
-                            torch.as_tensor(f["ret"]), torch.as_tensor(f["disc"]),
-                            torch.as_tensor(obs[f["next_idx"]]))
-    np.testing.assert_allclose(f["priority"], loss.numpy(), rtol=1e-5, atol=1e-6)
+        _, kl = rainbow_loss_and_priority(net, net, torch.as_tensor(obs[f["obs_idx"]]),
+                                          torch.as_tensor(f["action"]).long(), torch.as_tensor(f["ret"]),
+                                          torch.as_tensor(f["disc"]), torch.as_tensor(obs[f["next_idx"]]))
+    np.testing.assert_allclose(f["priority"], kl.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_iqn_actor_priorities_are_the_learner_loss_on_its_taus_rescaled_to_n() -> None:

@@ -1,5 +1,5 @@
 """The asynchronous family end to end under ./run.sh's launcher (evaluator, learner as parameter server,
-actor-learners; no replay server): a3c and nstep_q learn CartPole to the 195 mark over separate
+actor-learners; no replay server): a3c and the three Q algorithms (nstep_q, onestep_q, onestep_sarsa) learn CartPole to the 195 mark over separate
 processes, the learner's gradients socket is fuzzed during the a3c run (every malformed or foreign
 gradient dropped and counted, the run still learns) and its learner is then killed (restarted by the
 supervisor, it resumes and takes gradients again), and a3c turns over a few hundred updates on Pong.
@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import zmq
 from conftest import free_port_base
 from test_algos_e2e import _launch, _metric_max, _play, _role_logs, _rows
@@ -127,9 +128,10 @@ def test_a3c_reaches_195_while_fuzzed_and_survives_a_learner_crash(tmp_path: Pat
     _best_plays(tmp_path, run_dir)
 
 
-def test_nstep_q_reaches_195(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algo", ["nstep_q", "onestep_q", "onestep_sarsa"])
+def test_q_algorithms_reach_195(tmp_path: Path, algo: str) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
-    proc = _launch(run_dir, log, "--env", "CartPole-v1", "--algo", "nstep_q", "--num-actors", "1",
+    proc = _launch(run_dir, log, "--env", "CartPole-v1", "--algo", algo, "--num-actors", "1",
                    "--stop-at-return", str(TARGET), "--max-seconds", "240")
     try:
         code = proc.wait(300)
@@ -141,8 +143,8 @@ def test_nstep_q_reaches_195(tmp_path: Path) -> None:
     assert code == 0 and "run.sh: stopped (finished)" in out, f"{out[-3000:]}\n{_role_logs(run_dir)}"
     finished = json.loads((run_dir / "finished.json").read_text())
     assert finished["mean"] >= TARGET
-    print(f"nstep_q: {finished['mean']:.1f} after {finished['elapsed_s']:.0f}s, {finished['learner_steps']} updates")
-    _check_roles(run_dir, out, "nstep_q", "annealed")
+    print(f"{algo}: {finished['mean']:.1f} after {finished['elapsed_s']:.0f}s, {finished['learner_steps']} updates")
+    _check_roles(run_dir, out, algo, "annealed")
     # The paper's exploration: epsilons annealed from 1 towards 0.1 / 0.01 / 0.5.
     assert 0 < _metric_max(run_dir, "actor/epsilon_mean") <= 1
     _best_plays(tmp_path, run_dir)

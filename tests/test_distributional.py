@@ -24,6 +24,7 @@ from apex_zmq.distributional import (
     noisy_layers,
     quantile_huber_loss,
     rainbow_loss,
+    rainbow_loss_and_priority,
     rainbow_priorities_from_outputs,
     resample_shared_noise,
     sample_taus,
@@ -361,6 +362,42 @@ def test_build_rejects_unknown_algo() -> None:
 # ----------------------------------------------------------------------------- priorities == losses
 
 
+def _log_probs(rows: list[list[float]]) -> np.ndarray:
+    p = np.array(rows, dtype=np.float64)
+    return np.log(p / p.sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("ret,m", [
+    (0.0, [0.0, 1.0, 0.0]),  # the return is an atom: one-atom target, H(m) = 0, KL = cross-entropy
+    (0.25, [0.0, 0.75, 0.25]),  # between atoms 0 and 1: a diffuse target, KL = cross-entropy - H(m)
+    (-0.5, [0.5, 0.5, 0.0]),
+])
+def test_rainbow_actor_priority_is_the_kl_divergence_by_hand(ret: float, m: list[float]) -> None:
+    # Atoms -1, 0, 1; disc 0 (terminal): the target m is the return's projection, whatever is bootstrapped.
+    support = np.array([-1.0, 0.0, 1.0], np.float32)
+    p_a = [[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]]  # the prediction at (s, a) for a = 0, 1
+    logp_obs = _log_probs(p_a)[None].astype(np.float32)
+    logp_boot = _log_probs([[0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])[None].astype(np.float32)
+    for action in (0, 1):
+        ce = -sum(mi * math.log(pi) for mi, pi in zip(m, p_a[action]) if mi > 0)
+        h = -sum(mi * math.log(mi) for mi in m if mi > 0)
+        prio = rainbow_priorities_from_outputs(logp_obs, logp_boot, np.array([action]), np.array([ret], np.float32),
+                                               np.zeros(1, np.float32), support)
+        assert prio.dtype == np.float32
+        assert prio[0] == pytest.approx(ce - h, rel=1e-5, abs=1e-6)
+        if h > 0:  # the cross-entropy would be a different priority
+            assert abs(prio[0] - ce) > 0.1
+
+
+def test_rainbow_kl_priority_is_zero_not_negative_where_prediction_equals_target() -> None:
+    support = np.linspace(-1.0, 1.0, 5, dtype=np.float32)
+    m = np.array([0.0, 0.3, 0.7, 0.0, 0.0])  # ret -0.15, disc 0: 0.3 / 0.7 on atoms -0.5 / 0
+    logp = np.log(np.clip(m, 1e-30, None))[None, None].astype(np.float32)  # the prediction is m itself
+    prio = rainbow_priorities_from_outputs(logp, logp, np.array([0]), np.array([-0.15], np.float32),
+                                           np.zeros(1, np.float32), support)
+    assert prio[0] >= 0 and prio[0] < 1e-5
+
+
 def test_rainbow_priorities_from_outputs_equal_the_loss_with_one_network() -> None:
     torch.manual_seed(10)
     g = torch.Generator().manual_seed(10)
@@ -372,12 +409,14 @@ def test_rainbow_priorities_from_outputs_equal_the_loss_with_one_network() -> No
     ret = torch.randn(m, generator=g)
     disc = torch.where(torch.rand(m, generator=g) < 0.3, 0.0, 0.97)
     with torch.no_grad():
-        loss = rainbow_loss(net, net, obs, action, ret, disc, next_obs)
+        loss, kl = rainbow_loss_and_priority(net, net, obs, action, ret, disc, next_obs)
         logp_obs, logp_boot = net(obs).numpy(), net(next_obs).numpy()
     prios = rainbow_priorities_from_outputs(logp_obs, logp_boot, action.numpy(), ret.numpy(), disc.numpy(),
                                             net.support.numpy())
     assert prios.dtype == np.float32 and prios.shape == (m,)
-    np.testing.assert_allclose(prios, loss.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(prios, kl.numpy(), rtol=1e-5, atol=1e-6)
+    # KL = cross-entropy - H(m) <= cross-entropy; below it wherever the target spreads over atoms.
+    assert (prios <= loss.numpy() + 1e-6).all() and (prios < loss.numpy() - 1e-3).sum() >= m // 2
     torch_in = rainbow_priorities_from_outputs(torch.as_tensor(logp_obs), torch.as_tensor(logp_boot), action,
                                                ret, disc, net.support)
     np.testing.assert_array_equal(torch_in, prios)

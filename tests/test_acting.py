@@ -129,7 +129,7 @@ def test_evaluation_q_values_are_expected_values_without_noise() -> None:
 def test_settings_the_algorithm_cannot_honour_are_refused_naming_the_flag(flags: list[str], flag: str) -> None:
     with pytest.raises(SystemExit) as e:
         C.parse(C.ActorConfig, ["--env", "CartPole-v1", *flags], "actor")
-    assert str(e.value.code).startswith(flag + ":"), e.value.code
+    assert e.value.code == C.CONFIG_ERROR_EXIT and str(e.value).startswith(flag + ":"), str(e.value)
 
 
 def test_rainbow_iqn_preset_is_the_seeds() -> None:

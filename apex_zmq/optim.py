@@ -2,15 +2,17 @@
 
 ``torch.optim``'s optimizers import ``torch._dynamo`` (~800 modules) on construction and on every first
 call of ``step``/``zero_grad``/``state_dict``: 0.7 s on a quiet Zen 4-class core, 3-8 s on 2 cores while the
-other roles import torch, on the learner's path to its first training step. These classes make the same
-updates (same operation order as torch's ``foreach`` implementations, so the same floats; tests compare
-them step by step) with ``torch._foreach_*`` kernels on one flat buffer (see ``_Optimizer``), and keep
-``torch.optim``'s state-dict layout, so a checkpoint written with ``torch.optim`` (earlier versions of this
-project) still loads.
+other roles import torch, on the learner's path to its first training step. ``Adam`` makes torch's updates
+(same operation order as torch's ``foreach`` implementation, so the same floats; tests compare them step by
+step); ``RMSprop`` is TensorFlow's (epsilon inside the square root, as the papers' optimizers), tested
+against that formula written out. Both run ``torch._foreach_*`` kernels on one flat buffer (see
+``_Optimizer``) and keep ``torch.optim``'s state-dict layout, so a checkpoint written with ``torch.optim``
+(earlier versions of this project) still loads.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -94,11 +96,14 @@ class _Optimizer:
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's parameters (one norm on the flat buffer)."""
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's parameters (one norm on the flat buffer);
+        returns the norm before clipping. ``max_norm <= 0`` means no clipping (``--grad-clip 0``), as the
+        parameter server reads it: torch's factor max_norm / norm would zero (or flip) every gradient."""
         if not self._flat_ready():
-            return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            return torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else math.inf)
         total = torch.linalg.vector_norm(self.flat_grad)
-        self.flat_grad.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        if max_norm > 0:
+            self.flat_grad.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return total
 
     def _with_grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, list[torch.Tensor]]]:
@@ -172,13 +177,25 @@ class Adam(_Optimizer):
 
 
 class RMSprop(_Optimizer):
-    """RMSProp (Tieleman & Hinton; ``centered``: Graves 2013's, as the Ape-X paper's learner uses):
-    ``torch.optim.RMSprop`` without momentum or weight decay."""
+    """RMSProp (Tieleman & Hinton) with epsilon inside the square root, as TensorFlow's ``RMSPropOptimizer``
+    (which the DQN, Ape-X and A3C papers used) and unlike ``torch.optim.RMSprop``::
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float, alpha: float = 0.99, eps: float = 1e-8,
+        ms = alpha * ms + (1 - alpha) * g**2
+        mg = alpha * mg + (1 - alpha) * g                      # centered only
+        p -= lr * g / sqrt(ms - mg**2 + eps)                   # centered (Graves 2013; Ape-X's learner)
+        p -= lr * g / sqrt(ms + eps)                           # not centered (A3C's shared RMSProp)
+
+    Outside the root (torch), a parameter whose gradient is steady has ms - mg**2 -> 0 and a step of up
+    to lr * g / eps; inside, the step is bounded by lr * g / sqrt(eps) (2,600x smaller at eps 1.5e-7).
+    No momentum or weight decay. The state dict keeps ``torch.optim.RMSprop``'s layout (square_avg,
+    grad_avg: the same statistics whatever the convention, so a torch checkpoint loads).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, alpha: float = 0.95, eps: float = 1.5e-7,
                  centered: bool = False) -> None:
         self.slots = ("square_avg", "grad_avg") if centered else ("square_avg",)
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, centered=centered, momentum=0, weight_decay=0))
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, centered=centered, momentum=0, weight_decay=0,
+                                      eps_inside=True))
 
     def _update(self, params, grads, state) -> None:
         alpha = self.hyper["alpha"]
@@ -189,8 +206,8 @@ class RMSprop(_Optimizer):
             g = state["grad_avg"]
             torch._foreach_lerp_(g, grads, 1 - alpha)
             avg = torch._foreach_addcmul(sq, g, g, -1)
-            torch._foreach_sqrt_(avg)
+            torch._foreach_add_(avg, self.hyper["eps"])
         else:
-            avg = torch._foreach_sqrt(sq)
-        torch._foreach_add_(avg, self.hyper["eps"])
+            avg = torch._foreach_add(sq, self.hyper["eps"])
+        torch._foreach_sqrt_(avg)
         torch._foreach_addcdiv_(params, grads, avg, -self.lr)

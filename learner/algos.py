@@ -53,7 +53,7 @@ def _network(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, channels
 
 def _common(cfg: C.LearnerConfig, amp: bool) -> dict:
     return dict(optimizer=cfg.optimizer, lr=cfg.lr, target_update=cfg.target_update, grad_clip=cfg.grad_clip,
-                amp=amp, adam_eps=cfg.adam_eps)
+                amp=amp, adam_eps=cfg.adam_eps, rmsprop_alpha=cfg.rmsprop_alpha, rmsprop_eps=cfg.rmsprop_eps)
 
 
 def build_dqn(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, amp: bool,

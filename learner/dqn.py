@@ -80,7 +80,8 @@ class DQNLearner:
     """Owns the online and target networks and the optimizer; ``step`` trains on one batch."""
 
     def __init__(self, net: nn.Module, optimizer: str, lr: float, target_update: int,
-                 grad_clip: float, amp: bool = False, adam_eps: float = 1.5e-4) -> None:
+                 grad_clip: float, amp: bool = False, adam_eps: float = 1.5e-4, rmsprop_alpha: float = 0.95,
+                 rmsprop_eps: float = 1.5e-7) -> None:
         self.net = net
         # Mixed precision: bf16 autocast for the forward passes (no loss scaling needed, unlike
         # fp16); parameters, optimizer state and the loss reduction stay float32.
@@ -90,7 +91,8 @@ class DQNLearner:
         if optimizer == "adam":
             self.opt = optim.Adam(net.parameters(), lr=lr, eps=adam_eps)
         elif optimizer == "rmsprop":
-            self.opt = optim.RMSprop(net.parameters(), lr=lr, alpha=0.95, eps=1.5e-7, centered=True)
+            # The Ape-X paper's: centered, epsilon inside the square root (TensorFlow's convention).
+            self.opt = optim.RMSprop(net.parameters(), lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps, centered=True)
         else:
             raise ValueError(f"optimizer must be 'adam' or 'rmsprop', got {optimizer!r}")
         self.target_update = target_update

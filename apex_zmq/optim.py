@@ -27,6 +27,17 @@ def _flat_views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tens
     return views
 
 
+def kind_of(sd: dict) -> str | None:
+    """Which optimizer wrote the state dict ``sd`` (ours or ``torch.optim``'s): "adam", "rmsprop", or None
+    when its hyperparameters do not say."""
+    groups = sd.get("param_groups") or [{}]
+    if "betas" in groups[0]:
+        return "adam"
+    if "alpha" in groups[0]:
+        return "rmsprop"
+    return None
+
+
 class _Optimizer:
     """Parameters, their per-parameter state tensors (``slots``) and the step count.
 
@@ -39,6 +50,7 @@ class _Optimizer:
     """
 
     slots: tuple[str, ...] = ()
+    kind = ""  # what ``kind_of`` says of this optimizer's state dict
 
     def __init__(self, params: Iterable[torch.Tensor], hyper: dict) -> None:
         self.params = list(params)
@@ -135,20 +147,34 @@ class _Optimizer:
 
     def load_state_dict(self, sd: dict) -> None:
         """Load our state dict or a ``torch.optim`` one of the same optimizer over the same parameters
-        (a parameter that had no step yet has no state there: its slots stay zero)."""
+        (a parameter that had no step yet has no state there: its slots stay zero). Another optimizer's
+        state, or slots of another shape or dtype, are a ``ValueError`` saying what differs, raised before
+        anything is loaded (``copy_`` would broadcast or convert them without a word)."""
+        kind = kind_of(sd)
+        if kind is not None and kind != self.kind:
+            raise ValueError(f"optimizer state of {kind}, this optimizer is {self.kind}")
         groups = sd["param_groups"]
         n = sum(len(g["params"]) for g in groups)
         if n != len(self.params):
             raise ValueError(f"optimizer state for {n} parameters, this network has {len(self.params)}")
         order = [i for g in groups for i in g["params"]]
-        steps = 0
+        found = []
         for k, i in enumerate(order):
             st = sd["state"].get(i)
             if not st:
                 continue
             missing = [s for s in self.slots if s not in st]
             if missing:
-                raise ValueError(f"optimizer state without {missing}: not a {type(self).__name__} state")
+                raise ValueError(f"optimizer state without {missing}: not a {type(self).__name__} state "
+                                 f"with these settings ({self.hyper})")
+            for s in self.slots:
+                own, got = self.state[s][k], st[s]
+                if got.shape != own.shape or got.dtype != own.dtype:
+                    raise ValueError(f"optimizer state {s!r} of parameter {k} is {got.dtype} {list(got.shape)}, "
+                                     f"this parameter is {own.dtype} {list(own.shape)}")
+            found.append((k, st))
+        steps = 0
+        for k, st in found:
             for s in self.slots:
                 self.state[s][k].copy_(st[s])
             steps = max(steps, int(float(st["step"])))
@@ -159,6 +185,7 @@ class Adam(_Optimizer):
     """Adam (Kingma & Ba 2015, bias-corrected): ``torch.optim.Adam`` without weight decay or amsgrad."""
 
     slots = ("exp_avg", "exp_avg_sq")
+    kind = "adam"
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
@@ -190,6 +217,8 @@ class RMSprop(_Optimizer):
     No momentum or weight decay. The state dict keeps ``torch.optim.RMSprop``'s layout (square_avg,
     grad_avg: the same statistics whatever the convention, so a torch checkpoint loads).
     """
+
+    kind = "rmsprop"
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, alpha: float = 0.95, eps: float = 1.5e-7,
                  centered: bool = False) -> None:

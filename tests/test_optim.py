@@ -174,8 +174,22 @@ def test_state_of_another_optimizer_or_network_is_refused() -> None:
     adam = optim.Adam(net.parameters(), lr=1e-3)
     _grads(net, 0)
     adam.step()
-    with pytest.raises(ValueError, match="without"):
+    with pytest.raises(ValueError, match="optimizer state of adam, this optimizer is rmsprop"):
         optim.RMSprop(net.parameters(), lr=1e-3).load_state_dict(adam.state_dict())
+    plain = optim.RMSprop(net.parameters(), lr=1e-3)
+    _grads(net, 1)
+    plain.step()
+    with pytest.raises(ValueError, match="without \\['grad_avg'\\]"):
+        optim.RMSprop(net.parameters(), lr=1e-3, centered=True).load_state_dict(plain.state_dict())
+    for change, what in ((lambda t: t.double(), "torch.float64 \\[16, 4\\], this parameter is torch.float32"),
+                         (lambda t: t[:, :1].clone(),
+                          "torch.float32 \\[16, 1\\], this parameter is torch.float32 \\[16, 4\\]")):
+        sd = copy.deepcopy(adam.state_dict())
+        sd["state"][0]["exp_avg"] = change(sd["state"][0]["exp_avg"])  # [16, 1] would broadcast into copy_
+        fresh = optim.Adam(net.parameters(), lr=1e-3)
+        with pytest.raises(ValueError, match="'exp_avg' of parameter 0 is " + what):
+            fresh.load_state_dict(sd)
+        assert fresh.steps == 0 and not fresh.flat_state["exp_avg_sq"].any()  # nothing was loaded
     with pytest.raises(ValueError, match="4 parameters, this network has 2"):
         optim.Adam(nn.Linear(4, 2).parameters(), lr=1e-3).load_state_dict(adam.state_dict())
 

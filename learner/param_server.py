@@ -45,7 +45,7 @@ class ParameterServer:
         self.net = net
         self.params = [p for _, p in trainable(net)]
         # Mnih et al. 2016: not centered, epsilon inside the square root (optim.RMSprop's convention).
-        self.opt = optim.RMSprop(self.params, lr=lr, alpha=alpha, eps=eps)
+        self.opt = optim.RMSprop(self.params, lr=lr, alpha=alpha, eps=eps, module=net)
         self.grad_clip = grad_clip
         self.target_update = target_update
         self.max_staleness = max_staleness

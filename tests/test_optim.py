@@ -296,3 +296,57 @@ def test_rmsprop_flags_reach_the_replay_learners() -> None:
         opt = make_rule(env_spec(cfg.env), cfg, torch.device("cpu")).opt
         assert isinstance(opt, optim.RMSprop)
         assert (opt.hyper["alpha"], opt.hyper["eps"], opt.hyper["centered"]) == (0.9, 1e-6, True)
+
+
+def _conv_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+@pytest.mark.parametrize("make", [lambda p: optim.Adam(p, lr=1e-2, eps=1e-8),
+                                  lambda p: optim.RMSprop(p, lr=1e-3, alpha=0.95, eps=1.5e-7, centered=True)],
+                         ids=["adam", "rmsprop-centered"])
+def test_channels_last_parameters_keep_their_layout_and_the_flat_update(make) -> None:
+    """Re-seating a channels-last conv weight as a view of the flat buffer would drop its layout: such a
+    network takes the per-tensor path, with the same update as the flat one."""
+    flat_net, cl_net = _conv_net(6), _conv_net(6).to(memory_format=torch.channels_last)
+    conv_weights = [cl_net[0].weight, cl_net[2].weight]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in conv_weights)
+    flat_opt, cl_opt = make(flat_net.parameters()), make(cl_net.parameters())
+    assert flat_opt.flat is not None and cl_opt.flat is None
+    rng = torch.Generator().manual_seed(3)
+    for step in range(10):
+        for p, q in zip(flat_net.parameters(), cl_net.parameters()):
+            g = torch.randn(p.shape, generator=rng)
+            p.grad = g.clone()
+            q.grad = g.clone().contiguous(memory_format=torch.preserve_format if q.dim() != 4
+                                          else torch.channels_last)
+        flat_opt.clip_grad_norm_(5.0)
+        cl_opt.clip_grad_norm_(5.0)
+        flat_opt.step()
+        cl_opt.step()
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    assert all(s.is_contiguous(memory_format=torch.channels_last)
+               for slot in cl_opt.state.values() for s, p in zip(slot, cl_net.parameters()) if p.dim() == 4)
+    for p, q in zip(flat_net.parameters(), cl_net.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("move", ["to", "data", "assign"])
+def test_a_parameter_moved_off_the_flat_buffer_is_an_error(move: str) -> None:
+    net = _net(7)
+    opt = optim.Adam(net.parameters(), lr=1e-2, module=net)
+    _grads(net, 0)
+    opt.step()
+    if move == "to":  # what .to(device) does to every parameter (here a dtype, on CPU)
+        net.to(torch.float64)
+    elif move == "data":
+        net[0].weight.data = net[0].weight.detach().clone()
+    else:  # new Parameter objects in the module: the optimizer's own ones stay views, unread
+        net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
+    if move != "to":
+        _grads(net, 1)
+    with pytest.raises(RuntimeError, match="no longer shares|is not the one this optimizer updates"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="no longer shares|is not the one this optimizer updates"):
+        opt.clip_grad_norm_(1.0)

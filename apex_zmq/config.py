@@ -514,7 +514,7 @@ def exploration_of(cfg: Any) -> str:
 
 
 def net_options(cfg: Any) -> dict[str, Any]:
-    """What ``networks.build_network(spec, hidden, algo, **options)`` needs beyond the env and width;
+    """What ``models.build_network(spec, hidden, algo, **options)`` needs beyond the env and width;
     checkpoints keep it, so ``play`` rebuilds the same network."""
     if cfg.algo == "rainbow":
         return dict(atoms=cfg.atoms, vmin=cfg.v_min, vmax=cfg.v_max, noisy=uses_noisy(cfg), sigma0=cfg.sigma0)

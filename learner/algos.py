@@ -22,7 +22,7 @@ from torch import nn
 
 from apex_zmq import config as C
 from apex_zmq.envs import EnvSpec
-from apex_zmq.networks import build_network
+from apex_zmq.models import build_network
 
 from .dqn import Batch, DQNLearner
 from .iqn import IQNLearner

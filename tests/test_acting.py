@@ -13,7 +13,8 @@ from actor.nstep import SegmentBuffer
 from apex_zmq import config as C
 from apex_zmq.distributional import iqn_loss, rainbow_loss, set_noise
 from apex_zmq.envs import env_spec
-from apex_zmq.networks import build_network, q_values
+from apex_zmq.models import build_network
+from apex_zmq.networks import q_values
 
 SPEC = env_spec("CartPole-v1")
 K, STEPS, N_STEP, GAMMA = 3, 4, 2, 0.9

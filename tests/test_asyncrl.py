@@ -31,7 +31,8 @@ from apex_zmq.asyncrl import (
 )
 from apex_zmq.envs import EnvSpec, env_spec
 from apex_zmq.exploration import PAPER_FINAL_EPSILONS, annealed_epsilon, draw_final_epsilons
-from apex_zmq.networks import build_network, state_arrays
+from apex_zmq.models import build_network
+from apex_zmq.networks import state_arrays
 from learner.param_server import ParameterServer
 
 SPEC = EnvSpec("CartPole-v1", (4,), "float32", 2, False)

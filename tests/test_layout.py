@@ -217,6 +217,11 @@ def test_a_built_wheel_installs_all_five_packages(tmp_path: Path) -> None:
         assert f"{role}/__main__.py" in names
     assert {"evaluator/dashboard/static/index.html", "evaluator/dashboard/static/uPlot.iife.min.js"} <= names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    # the licence travels with the wheel, named in its metadata (PEP 639)
+    info = next(n.rpartition("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+    assert f"{info}/licenses/LICENSE" in names
+    metadata = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in metadata and "License-File: LICENSE" in metadata
     clean = tmp_path / "venv"
     venv.create(clean, with_pip=False)
     site = next(clean.glob("lib/python*/site-packages"))

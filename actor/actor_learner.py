@@ -24,11 +24,12 @@ from apex_zmq import config as C
 from apex_zmq.asyncrl import a3c_loss, gradient_arrays, nstep_cut, q_loss, q_targets, segment_returns
 from apex_zmq.envs import env_spec, make_vector_env
 from apex_zmq.exploration import actor_seed, annealed_epsilon, draw_final_epsilons, epsilon_greedy
-from apex_zmq.networks import build_network, load_arrays
+from apex_zmq.models import build_network
+from apex_zmq.networks import load_arrays
 from apex_zmq.transport import Sockets, install_stop, run_role, send_until
 from apex_zmq.wire import MAX_EPISODES, Gradients, Telemetry, encode
 
-from .main import EXPLORATION_CODES, EpisodeTracker, life_lost, take_weights
+from .common import EXPLORATION_CODES, EpisodeTracker, life_lost, take_weights
 
 
 class ActorLearnerCore:

@@ -22,25 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .envs import EnvSpec
-
-# Mnih et al. 2016's Atari network: 16 8x8/4 and 32 4x4/2 convolutions, then 256 hidden units.
-PAPER_CONVS = ((16, 8, 4), (32, 4, 2))
-PAPER_MIN_SIDE = 20  # the smallest side both kernels fit; smaller images get 3x3 convolutions
-SMALL_PAPER_CONVS = ((16, 3, 1), (32, 3, 2))
-
+from .torsos import build_torso, paper_conv_layers_for
 
 def build_async_torso(spec: EnvSpec, hidden: int) -> nn.Module:
-    """The paper's convolutions and ``hidden`` units for uint8 [C, H, W] images, else a 2-layer MLP."""
-    from .networks import NatureTorso  # networks imports this module lazily
-
+    """Mnih et al. 2016's torso: the paper's convolutions and ``hidden`` units for uint8 [C, H, W] images
+    (smaller images: 3x3 convolutions), else a 2-layer MLP."""
     if len(spec.obs_shape) == 3:
-        convs = PAPER_CONVS if min(spec.obs_shape[1:]) >= PAPER_MIN_SIDE else SMALL_PAPER_CONVS
-        conv = NatureTorso(spec.obs_shape[0], convs)
-        with torch.no_grad():
-            features = conv(torch.zeros(1, *spec.obs_shape, dtype=torch.uint8)).shape[1]
-        return nn.Sequential(conv, nn.Linear(int(features), hidden), nn.ReLU())
-    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(spec.obs_shape)), hidden), nn.ReLU(),
-                         nn.Linear(hidden, hidden), nn.ReLU())
+        conv, features = build_torso(spec, hidden, convs=paper_conv_layers_for(spec.obs_shape))
+        return nn.Sequential(conv, nn.Linear(features, hidden), nn.ReLU())
+    return build_torso(spec, hidden, mlp_layers=2)[0]
 
 
 class ActorCritic(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,24 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 def load(path: str | Path) -> dict:
     """Load a checkpoint (tensors and plain containers only: never unpickle arbitrary objects)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tensor_mismatch(saved: Mapping[str, Any], live: Mapping[str, Any]) -> str | None:
+    """What keeps the state dict ``saved`` (from a checkpoint) from loading into a module whose own state
+    dict is ``live``: keys missing or unexpected, or a tensor of another shape or dtype (``load_state_dict``
+    would convert the dtype without a word); None when it fits."""
+    missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+    if missing or unexpected:
+        return f"tensors missing: {missing[:4]}, unexpected: {unexpected[:4]}"
+    for k, own in live.items():
+        got = saved[k]
+        if not isinstance(got, torch.Tensor) or not isinstance(own, torch.Tensor):
+            continue
+        if got.shape != own.shape:
+            return f"size mismatch for {k}: {list(got.shape)} in the checkpoint, {list(own.shape)} in this network"
+        if got.dtype != own.dtype:
+            return f"dtype mismatch for {k}: {got.dtype} in the checkpoint, {own.dtype} in this network"
+    return None
 
 
 def last_path(run_dir: str | Path) -> Path:

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import sys
 import tomllib
@@ -174,11 +175,14 @@ class ReplayConfig(Common):
 class LearnerConfig(Common):
     """The learner: double DQN with a dueling network and prioritized n-step targets."""
 
-    optimizer: Literal["adam", "rmsprop"] = _f("adam", "optimizer")
+    optimizer: Literal["adam", "rmsprop"] = _f("adam", "optimizer of the replay learners: adam, or rmsprop = "
+                                                       "the Ape-X paper's centered RMSProp (epsilon inside "
+                                                       "the square root); the asynchronous family always "
+                                                       "uses its shared RMSProp")
     adam_eps: float = _f(1.5e-4, "Adam's epsilon")
     lr: float = _f(0.00025 / 4, "learning rate")
     target_update: int = _f(2500, "learner steps between target network syncs")
-    grad_clip: float = _f(40.0, "gradient norm clip")
+    grad_clip: float = _f(40.0, "gradient norm clip (0: no clipping)")
     weights_period: float = _f(2.0, "seconds between weight broadcasts")
     checkpoint_period: float = _f(60.0, "seconds between checkpoints")
     loader_threads: int = _f(2, "threads decoding and decompressing batches ahead of training (0: the training "
@@ -189,8 +193,10 @@ class LearnerConfig(Common):
     max_learner_steps: int = _f(0, "stop after this many learner steps (0: run until stopped)")
     max_staleness: int = _f(32, "asynchronous algorithms: gradients computed more than this many updates "
                                 "ago (weights versions) are dropped and counted")
-    rmsprop_alpha: float = _f(0.99, "asynchronous algorithms: decay of the shared RMSProp statistics")
-    rmsprop_eps: float = _f(1e-5, "asynchronous algorithms: RMSProp epsilon")
+    rmsprop_alpha: float = _f(0.95, "RMSProp's decay of its squared-gradient statistics (--optimizer rmsprop; "
+                                    "the asynchronous family's shared RMSProp: 0.99 in its presets)")
+    rmsprop_eps: float = _f(1.5e-7, "RMSProp's epsilon, added inside the square root as TensorFlow does "
+                                    "(the asynchronous family's presets: 1e-5)")
 
 
 @dataclass
@@ -271,11 +277,13 @@ ALGO_PRESETS: dict[str, dict[str, Any]] = {
 # The asynchronous family over the env's preset (Mnih et al. 2016: RMSProp at ~7e-4, t_max 5, the target
 # network every 40,000 frames, which is 125 updates of 16 envs x 5 steps x 4 frames). Weights go out
 # often: an actor-learner computes each gradient at the newest weights it has (staleness).
+# Their shared RMSProp keeps this project's decay 0.99 and epsilon 1e-5 (Mnih et al. 2016: 0.99 and 0.1).
+_ASYNC_RMSPROP: dict[str, Any] = dict(rmsprop_alpha=0.99, rmsprop_eps=1e-5)
 ASYNC_PRESETS: dict[str, dict[str, Any]] = {
     "classic": dict(lr=1e-3, t_max=5, envs_per_actor=8, weights_period=0.02, target_update=100,
-                    eps_anneal_frames=20_000, max_staleness=32),
+                    eps_anneal_frames=20_000, max_staleness=32, **_ASYNC_RMSPROP),
     "atari": dict(lr=7e-4, t_max=5, envs_per_actor=16, hidden=256, weights_period=0.1, target_update=125,
-                  eps_anneal_frames=4_000_000, max_staleness=32),
+                  eps_anneal_frames=4_000_000, max_staleness=32, **_ASYNC_RMSPROP),
 }
 
 
@@ -428,8 +436,8 @@ def parse(cls: type, argv: list[str] | None, role: str, prog: str | None = None)
     for k, v in values.items():
         _check_value(cls, k, v)
     cfg = resolve(cls(**values))
-    validate(cfg)
     try:
+        validate(cfg)
         prepare_env(cfg)
     except ConfigError as e:
         print(f"{prog or f'apex-zmq {role}'}: {e}", file=sys.stderr, flush=True)
@@ -506,7 +514,7 @@ def exploration_of(cfg: Any) -> str:
 
 
 def net_options(cfg: Any) -> dict[str, Any]:
-    """What ``networks.build_network(spec, hidden, algo, **options)`` needs beyond the env and width;
+    """What ``models.build_network(spec, hidden, algo, **options)`` needs beyond the env and width;
     checkpoints keep it, so ``play`` rebuilds the same network."""
     if cfg.algo == "rainbow":
         return dict(atoms=cfg.atoms, vmin=cfg.v_min, vmax=cfg.v_max, noisy=uses_noisy(cfg), sigma0=cfg.sigma0)
@@ -516,15 +524,31 @@ def net_options(cfg: Any) -> dict[str, Any]:
 
 
 def validate(cfg: Any) -> None:
-    """Cross-field checks with messages that name the flag."""
+    """Value and cross-field checks: a ``ConfigError`` (exit ``CONFIG_ERROR_EXIT``) naming the flag."""
     def need(cond: bool, flag: str, what: str) -> None:
         if not cond:
-            raise SystemExit(f"{_flag(flag)}: {what}")
+            raise ConfigError(f"{_flag(flag)}: {what}")
+
+    def positive(*names: str) -> None:
+        for name in names:
+            v = getattr(cfg, name)
+            need(0 < v < math.inf, name, f"must be > 0 (and finite), got {v}")
+
+    def at_least(low: int | float, *names: str) -> None:
+        for name in names:
+            v = getattr(cfg, name)
+            need(v >= low, name, f"must be >= {low}, got {v}")
+
+    def within(name: str, low: float, high: float) -> None:
+        v = getattr(cfg, name)
+        need(low <= v <= high, name, f"must be in [{low}, {high}], got {v}")
     need(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     need(cfg.num_actors >= 0, "num_actors", f"must be >= 0, got {cfg.num_actors}")
     need(cfg.envs_per_actor >= 1, "envs_per_actor", f"must be >= 1, got {cfg.envs_per_actor}")
     need(cfg.n_step >= 1, "n_step", f"must be >= 1, got {cfg.n_step}")
     need(0 < cfg.gamma <= 1, "gamma", f"must be in (0, 1], got {cfg.gamma}")
+    at_least(1, "hidden")
+    positive("telemetry_period")
     if not isinstance(cfg, RelayConfig):
         need(cfg.algo != "dqn" or cfg.noisy != "on", "noisy", "dqn has no noisy layers (use --algo rainbow or iqn)")
         need(cfg.atoms >= 2, "atoms", f"must be >= 2, got {cfg.atoms}")
@@ -559,8 +583,6 @@ def validate(cfg: Any) -> None:
              f"algorithms anneal each env slot's epsilon), got {cfg.exploration}")
     if isinstance(cfg, LearnerConfig) and is_async(cfg):
         need(cfg.max_staleness >= 0, "max_staleness", f"must be >= 0, got {cfg.max_staleness}")
-        need(0 <= cfg.rmsprop_alpha < 1, "rmsprop_alpha", f"must be in [0, 1), got {cfg.rmsprop_alpha}")
-        need(cfg.rmsprop_eps > 0, "rmsprop_eps", f"must be > 0, got {cfg.rmsprop_eps}")
     if isinstance(cfg, RelayConfig):
         # Same endpoint both ways: the relay would bind the learner's port or subscribe to itself.
         need(cfg.relay_weights != cfg.weights, "relay_weights",
@@ -569,10 +591,26 @@ def validate(cfg: Any) -> None:
         need(cfg.loader_threads >= 0, "loader_threads", f"must be >= 0 (0: the training thread decodes), "
                                                         f"got {cfg.loader_threads}")
         need(cfg.torch_threads >= 1, "torch_threads", f"must be >= 1, got {cfg.torch_threads}")
+        positive("lr", "adam_eps", "rmsprop_eps", "weights_period", "checkpoint_period")
+        need(0 <= cfg.rmsprop_alpha < 1, "rmsprop_alpha", f"must be in [0, 1), got {cfg.rmsprop_alpha}")
+        need(cfg.target_update >= 1, "target_update",
+             f"must be >= 1 (learner steps between target syncs), got {cfg.target_update}")
+        need(0 <= cfg.grad_clip < math.inf, "grad_clip", f"must be >= 0 (0: no clipping), got {cfg.grad_clip}")
+        at_least(0, "max_learner_steps")
+    if isinstance(cfg, ActorConfig):
+        within("eps_base", 0.0, 1.0)
+        at_least(0, "eps_alpha", "max_actor_steps")
+        at_least(1, "env_threads", "env_groups")
     if isinstance(cfg, EvaluatorConfig):
         need(cfg.eval_episodes >= 1, "eval_episodes", f"must be >= 1, got {cfg.eval_episodes}")
+        positive("eval_period", "report_period", "heartbeat_timeout")
+        within("eval_epsilon", 0.0, 1.0)
+        at_least(1, "ladder_window")
         need(cfg.eval_max_frames >= 0, "eval_max_frames", f"must be >= 0, got {cfg.eval_max_frames}")
     if isinstance(cfg, ReplayConfig):
+        at_least(1, "batch_size", "prefetch")
+        at_least(0, "alpha", "beta_anneal", "snapshot_period")
+        within("beta", 0.0, 1.0)
         need(cfg.capacity >= cfg.batch_size, "capacity",
              f"must be at least --batch-size ({cfg.batch_size}), got {cfg.capacity}")
         need(0 < cfg.min_size <= cfg.capacity, "min_size",
@@ -580,6 +618,8 @@ def validate(cfg: Any) -> None:
         need(cfg.samples_per_insert >= 0, "samples_per_insert", f"must be >= 0, got {cfg.samples_per_insert}")
         need(cfg.spi_tolerance == 0 or cfg.spi_tolerance >= cfg.batch_size, "spi_tolerance",
              f"must be 0 (4 batches) or at least --batch-size ({cfg.batch_size}), got {cfg.spi_tolerance}")
+    if isinstance(cfg, LaunchConfig):
+        at_least(0, "max_restarts", "max_seconds", "learner_threads", "port_base")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .envs import EnvSpec
-from .networks import build_torso
+from .torsos import build_torso
 
 DISTRIBUTIONAL_ALGOS = ("rainbow", "iqn")
 

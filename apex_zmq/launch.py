@@ -295,7 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, ep in C.loopback_endpoints(cfg.port_base).items():
             setattr(cfg, name, ep)
     for role_cls in C.ROLE_CONFIGS.values():  # every role's own checks, before anything starts
-        C.validate(C.role_config(role_cls, dataclasses.asdict(cfg)))
+        try:
+            C.validate(C.role_config(role_cls, dataclasses.asdict(cfg)))
+        except C.ConfigError as e:
+            print(f"./run.sh: {e}", file=sys.stderr, flush=True)
+            raise
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "finished.json").unlink(missing_ok=True)

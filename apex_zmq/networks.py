@@ -1,4 +1,5 @@
-"""Dueling Q networks: an MLP for vector observations, a CNN (the Nature CNN for Atari) for images."""
+"""dqn's dueling Q network (on ``torsos``' MLP or CNN), the actors' acting copies of it (float32, bfloat16,
+int8) and weights as arrays. ``models.build_network`` maps ``--algo`` to its network."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import copy
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +15,15 @@ from torch import nn
 
 from .cpu import CpuCaps
 from .envs import EnvSpec
+# The torsos live in the leaf module every network builder imports; their names stay importable from here.
+from .torsos import (  # noqa: F401
+    NATURE_CONVS,
+    NATURE_MIN_SIDE,
+    SMALL_CONVS,
+    NatureTorso,
+    build_torso,
+    conv_layers_for,
+)
 
 
 class Dueling(nn.Module):
@@ -37,71 +46,11 @@ class Dueling(nn.Module):
             return self.value(h) + a - a.mean(dim=1, keepdim=True)
 
 
-# (out channels, kernel, stride) of each convolution.
-NATURE_CONVS = ((32, 8, 4), (64, 4, 2), (64, 3, 1))  # Mnih et al. 2015: images of 36x36 and up
-SMALL_CONVS = ((32, 3, 1), (64, 3, 2))  # smaller images (at least envs.MIN_IMAGE_SIDE a side)
-NATURE_MIN_SIDE = 36  # the smallest side the Nature kernels fit (conv3 sees 1x1)
-
-
-class NatureTorso(nn.Module):
-    """Convolutions over uint8 [B, C, H, W] images (scaled to [0, 1] here by 1 / ``pixel_max``: 255 for
-    Atari's frames, 1 for MinAtar's 0/1 object channels): by default Mnih et al. 2015's over Atari's
-    [B, 4, 84, 84] frame stacks, ``SMALL_CONVS`` for images under 36x36."""
-
-    def __init__(self, channels: int, convs: tuple[tuple[int, int, int], ...] = NATURE_CONVS,
-                 pixel_max: int = 255) -> None:
-        super().__init__()
-        self.scale = 1.0 / pixel_max
-        layers: list[nn.Module] = []
-        for out, kernel, stride in convs:
-            layers += [nn.Conv2d(channels, out, kernel, stride=stride), nn.ReLU()]
-            channels = out
-        self.net = nn.Sequential(*layers, nn.Flatten())
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs.float() * self.scale)
-
-
-def conv_layers_for(obs_shape: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
-    """The convolutions for [C, H, W] images: Nature's where they fit, else the small ones."""
-    return NATURE_CONVS if min(obs_shape[1:]) >= NATURE_MIN_SIDE else SMALL_CONVS
-
-
-def nature_cnn(spec: EnvSpec) -> bool:
-    """Whether ``spec``'s network is the Nature CNN over 0..255 frames (what the int8 acting copy takes;
-    smaller images such as MinAtar's get the small convolutions, cheap enough in float32)."""
-    return len(spec.obs_shape) == 3 and conv_layers_for(spec.obs_shape) == NATURE_CONVS and spec.pixel_max == 255
-
-
-def build_network(spec: EnvSpec, hidden: int, algo: str = "dqn", **options: Any) -> nn.Module:
-    """The network ``algo`` learns for ``spec``: for dqn the dueling Q network (a CNN for [C, H, W]
-    uint8 images, Atari's frame stacks and other image envs at their own size: ``conv_layers_for``;
-    else a 2-layer MLP); for rainbow and iqn ``distributional.build_distributional_network`` with
-    ``options`` (``config.net_options``) on the same torso."""
-    if algo in ("a3c", "nstep_q", "onestep_q", "onestep_sarsa"):  # config.ASYNC_ALGOS
-        from .asyncrl import build_async_network  # imports this module
-        if options:
-            raise ValueError(f"{algo}'s network takes no options, got {sorted(options)}")
-        return build_async_network(spec, hidden, algo)
-    if algo != "dqn":
-        from .distributional import build_distributional_network  # imports this module
-        return build_distributional_network(spec, hidden, algo, **options)
-    if options:
-        raise ValueError(f"dqn's network takes no options, got {sorted(options)}")
+def build_dqn_network(spec: EnvSpec, hidden: int) -> Dueling:
+    """dqn's network: the dueling Q network on ``torsos.build_torso`` (a CNN for [C, H, W] uint8 images,
+    Atari's frame stacks and other image envs at their own size; else one hidden layer)."""
     torso, features = build_torso(spec, hidden)
     return Dueling(torso, features, hidden, spec.num_actions)
-
-
-def build_torso(spec: EnvSpec, hidden: int) -> tuple[nn.Module, int]:
-    """(feature torso, feature count) shared by every algorithm's network: a CNN for [C, H, W] uint8
-    images at their own size (``conv_layers_for``), else one hidden layer of ``hidden`` units."""
-    if len(spec.obs_shape) == 3:
-        torso = NatureTorso(spec.obs_shape[0], conv_layers_for(spec.obs_shape), spec.pixel_max)
-        with torch.no_grad():
-            features = torso(torch.zeros(1, *spec.obs_shape, dtype=torch.uint8)).shape[1]
-        return torso, int(features)
-    torso = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(spec.obs_shape)), hidden), nn.ReLU())
-    return torso, hidden
 
 
 def int8_engine() -> str | None:

@@ -128,7 +128,8 @@ def publish_weights(endpoint: str, env_id: str, hidden: int, period: float, stop
     import zmq
 
     from apex_zmq.envs import env_spec
-    from apex_zmq.networks import build_network, state_arrays
+    from apex_zmq.models import build_network
+    from apex_zmq.networks import state_arrays
     from apex_zmq.wire import Weights, encode
     net = build_network(env_spec(env_id), hidden)
     pub = zmq.Context.instance().socket(zmq.PUB)

@@ -41,7 +41,7 @@ server and actor-learners, no replay server). dqn always runs too: it is the oth
 in the same invocation, alternating with them. For each other rule it prints
 ``<algo>_solve_s=... dqn_solve_s=... ratio_to_dqn=...`` (medians). The same confirmation applies to
 every rule: the bench builds the rule's network from the run's config.json
-(``networks.build_network(spec, hidden, algo)``; nstep_q's weights carry its target network next to the
+(``models.build_network(spec, hidden, algo)``; nstep_q's weights carry its target network next to the
 online one, ``QWithTarget``, and the whole message loads) and plays it greedily with the evaluator's
 function, which acts on ``networks.q_values``: the online Q network for nstep_q, the argmax of the
 policy logits for a3c (its most likely action).
@@ -160,7 +160,8 @@ def run_ours(target: float, limit: float, extra: list[str], log_dir: Path, index
     from apex_zmq import config as C
     from apex_zmq.distributional import set_noise
     from apex_zmq.envs import env_spec
-    from apex_zmq.networks import build_network, load_arrays
+    from apex_zmq.models import build_network
+    from apex_zmq.networks import load_arrays
     res = {"solved_s": None, "low_s": None, "evals": 0, "hits": [], "restarts": ""}
     with tempfile.TemporaryDirectory(prefix="cartpole-solve-") as tmp:
         run_dir = Path(tmp) / "run"

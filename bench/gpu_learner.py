@@ -124,7 +124,9 @@ def graphed(learner, static, amp: bool):
     from learner.dqn import double_dqn_td
     net, target = learner.net, learner.target
     from apex_zmq import optim
-    h = learner.opt.hyper  # the same update as torch.optim's, whose capturable variant a graph can replay
+    # torch.optim's capturable variant, which a graph can replay: Adam's update is ours; torch's RMSprop puts
+    # epsilon outside the square root (ours, the papers', inside): the same kernels' cost, another update
+    h = learner.opt.hyper
     if isinstance(learner.opt, optim.Adam):
         opt = torch.optim.Adam(net.parameters(), lr=h["lr"], betas=h["betas"], eps=h["eps"], capturable=True)
     else:

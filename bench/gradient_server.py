@@ -72,7 +72,7 @@ def gradient_pool(hidden: int, count: int, dtype: str) -> list[tuple[list[str], 
 
     from apex_zmq.asyncrl import a3c_loss, gradient_arrays
     from apex_zmq.envs import env_spec
-    from apex_zmq.networks import build_network
+    from apex_zmq.models import build_network
     spec = env_spec(ENV)
     net = build_network(spec, hidden, ALGO)
     gen = torch.Generator().manual_seed(0)

@@ -91,7 +91,7 @@ def standalone(env: str, batch: int, threads: int, seconds: float) -> float:
 
     from apex_zmq import config as C
     from apex_zmq.envs import env_spec
-    from apex_zmq.networks import build_network
+    from apex_zmq.models import build_network
     from learner.dqn import DQNLearner, batch_from_sample
     from replay_server.replay import PrioritizedReplay
     torch.set_num_threads(threads)

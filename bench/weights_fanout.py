@@ -1,7 +1,7 @@
 """Weight-publish cost against the number of subscribing actors: direct vs through one relay.
 
 A publisher process stands in for the learner: a PUB with the learner's high-water mark sends a real
-Atari weights message (the Nature dueling CNN of ``--env``, built by ``networks.build_network`` and
+Atari weights message (the Nature dueling CNN of ``--env``, built by ``models.build_network`` and
 encoded by ``wire``) ``--publishes`` times. N subscriber SUB sockets, spread over up to
 ``--sub-procs`` processes, receive and strictly decode each message and acknowledge it over PUSH, so
 the publisher knows when all N have it before it sends the next one (no message is lost to a
@@ -127,7 +127,8 @@ def publisher(conn: Connection, env: str, hidden: int, pub: str, ack: str, keys:
     import zmq
 
     from apex_zmq.envs import env_spec
-    from apex_zmq.networks import build_network, state_arrays
+    from apex_zmq.models import build_network
+    from apex_zmq.networks import state_arrays
     from apex_zmq.wire import Weights, encode
     names, arrays = state_arrays(build_network(env_spec(env), hidden))
 

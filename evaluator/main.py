@@ -19,7 +19,8 @@ from apex_zmq.checkpoint import save_atomic
 from apex_zmq.distributional import set_noise
 from apex_zmq.envs import env_spec
 from apex_zmq.logger import Logger
-from apex_zmq.networks import build_network, load_arrays, weights_mismatch
+from apex_zmq.models import build_network
+from apex_zmq.networks import load_arrays, weights_mismatch
 from apex_zmq.transport import Sockets, install_stop, recv_latest, run_role
 from apex_zmq.wire import Weights, WireError, decode_weights
 

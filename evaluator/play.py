@@ -21,7 +21,7 @@ from apex_zmq import checkpoint
 from apex_zmq import config as C
 from apex_zmq.distributional import set_noise
 from apex_zmq.envs import env_spec, is_atari
-from apex_zmq.networks import build_network
+from apex_zmq.models import build_network
 
 from .atari_scores import median_hns
 from .protocols import FPS, FRAME_SKIP, PROTOCOL_NAMES, Evaluation, evaluate_policy, protocol_for

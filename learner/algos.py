@@ -22,7 +22,7 @@ from torch import nn
 
 from apex_zmq import config as C
 from apex_zmq.envs import EnvSpec
-from apex_zmq.networks import build_network
+from apex_zmq.models import build_network
 
 from .dqn import Batch, DQNLearner
 from .iqn import IQNLearner
@@ -53,7 +53,7 @@ def _network(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, channels
 
 def _common(cfg: C.LearnerConfig, amp: bool) -> dict:
     return dict(optimizer=cfg.optimizer, lr=cfg.lr, target_update=cfg.target_update, grad_clip=cfg.grad_clip,
-                amp=amp, adam_eps=cfg.adam_eps)
+                amp=amp, adam_eps=cfg.adam_eps, rmsprop_alpha=cfg.rmsprop_alpha, rmsprop_eps=cfg.rmsprop_eps)
 
 
 def build_dqn(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, amp: bool,

@@ -80,7 +80,8 @@ class DQNLearner:
     """Owns the online and target networks and the optimizer; ``step`` trains on one batch."""
 
     def __init__(self, net: nn.Module, optimizer: str, lr: float, target_update: int,
-                 grad_clip: float, amp: bool = False, adam_eps: float = 1.5e-4) -> None:
+                 grad_clip: float, amp: bool = False, adam_eps: float = 1.5e-4, rmsprop_alpha: float = 0.95,
+                 rmsprop_eps: float = 1.5e-7) -> None:
         self.net = net
         # Mixed precision: bf16 autocast for the forward passes (no loss scaling needed, unlike
         # fp16); parameters, optimizer state and the loss reduction stay float32.
@@ -88,9 +89,11 @@ class DQNLearner:
         self.device_type = next(net.parameters()).device.type
         self.target = copy.deepcopy(net).requires_grad_(False)
         if optimizer == "adam":
-            self.opt = optim.Adam(net.parameters(), lr=lr, eps=adam_eps)
+            self.opt = optim.Adam(net.parameters(), lr=lr, eps=adam_eps, module=net)
         elif optimizer == "rmsprop":
-            self.opt = optim.RMSprop(net.parameters(), lr=lr, alpha=0.95, eps=1.5e-7, centered=True)
+            # The Ape-X paper's: centered, epsilon inside the square root (TensorFlow's convention).
+            self.opt = optim.RMSprop(net.parameters(), lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps, centered=True,
+                                     module=net)
         else:
             raise ValueError(f"optimizer must be 'adam' or 'rmsprop', got {optimizer!r}")
         self.target_update = target_update
@@ -124,10 +127,14 @@ class DQNLearner:
         return priorities.float().cpu().numpy(), float(loss.detach())
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: networks, optimizer, counters, RNG."""
-        return {"net": self.net.state_dict(), "target": self.target.state_dict(),
-                "opt": self.opt.state_dict(), "steps": self.steps,
-                "torch_rng": torch.get_rng_state()}
+        """Everything needed to resume: networks, optimizer, counters, RNG (CUDA's too, where there is one:
+        noisy layers and IQN's taus draw on the training device)."""
+        state = {"net": self.net.state_dict(), "target": self.target.state_dict(),
+                 "opt": self.opt.state_dict(), "steps": self.steps,
+                 "torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``state_dict``."""
@@ -136,3 +143,6 @@ class DQNLearner:
         self.opt.load_state_dict(state["opt"])
         self.steps = int(state["steps"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            # a checkpoint from a machine with more GPUs: the devices this one has
+            torch.cuda.set_rng_state_all(list(state["cuda_rng"])[:torch.cuda.device_count()])

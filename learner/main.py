@@ -9,12 +9,13 @@ import math
 import queue
 import sys
 import time
+from typing import NoReturn
 
 import numpy as np
 import torch
 import zmq
 
-from apex_zmq import checkpoint
+from apex_zmq import checkpoint, optim
 from apex_zmq import config as C
 from apex_zmq.envs import env_spec
 from apex_zmq.networks import state_arrays
@@ -48,36 +49,51 @@ class LearnerCore:
         self.ckpt_path = checkpoint.last_path(cfg.run_dir)
         self.resumed_from = -1
         if self.ckpt_path.exists():
-            state = checkpoint.load(self.ckpt_path)
-            # None: a checkpoint that does not say (those from before --algo are double DQN's)
-            written = (state.get("env"), state.get("hidden"), state.get("algo", "dqn"))
-            fits = all(w in (None, own) for w, own in zip(written, (cfg.env, cfg.hidden, cfg.algo)))
-            detail = ""
-            saved_opts, opts = state.get("net_options"), C.net_options(cfg)
-            if fits and saved_opts is not None and saved_opts != opts:  # e.g. another C51 support
-                differ = sorted(k for k in set(saved_opts) | set(opts) if saved_opts.get(k) != opts.get(k))
-                fits, detail = False, " (network options differ: " + ", ".join(
-                    f"{k} {saved_opts.get(k)} in the checkpoint, {opts.get(k)} now" for k in differ) + ")"
-            if fits:
-                try:
-                    self.learner.load_state_dict(state)
-                except RuntimeError as e:  # shapes differ all the same (unsaid flags, a changed network)
-                    lines = str(e).strip().splitlines()  # torch: a header, then one line per tensor
-                    fits, detail = False, f" ({lines[min(1, len(lines) - 1)].strip()})"
-            if not fits:
-                # Another network's checkpoint fails the same way on every restart: stop with the
-                # code the supervisor does not restart, naming both networks and the way out.
-                print(f"learner: {self.ckpt_path} was written for --algo {written[2]} --env {written[0] or '?'} "
-                      f"--hidden {written[1] or '?'}; this run has --algo {cfg.algo} --env {cfg.env} "
-                      f"--hidden {cfg.hidden}: use another --run-dir or the same flags{detail}",
-                      file=sys.stderr, flush=True)
-                raise SystemExit(C.CONFIG_ERROR_EXIT)
-            self.resumed_from = self.learner.steps
+            self._resume(checkpoint.load(self.ckpt_path))
         self.incarnation = new_incarnation()  # actors take a restarted learner's weights at once
         self.bad_items = 0  # sampled items whose observations did not decompress (removed from replay)
         self.loss = float("nan")
         self.wait_s = 0.0   # time the training loop waited for a batch (after the first)
         self.train_s = 0.0  # time spent in training steps
+
+    def _resume(self, state: dict) -> None:
+        """Load ``state`` (``last.pt``) into the rule, or stop with ``CONFIG_ERROR_EXIT`` saying what differs
+        and the way out: a checkpoint this run cannot load fails the same way on every restart."""
+        cfg = self.cfg
+        # None: a checkpoint that does not say (those from before --algo are double DQN's)
+        written = (state.get("env"), state.get("hidden"), state.get("algo", "dqn"))
+        fits = all(w in (None, own) for w, own in zip(written, (cfg.env, cfg.hidden, cfg.algo)))
+        detail = ""
+        saved_opts, opts = state.get("net_options"), C.net_options(cfg)
+        if fits and saved_opts is not None and saved_opts != opts:  # e.g. another C51 support
+            differ = sorted(k for k in set(saved_opts) | set(opts) if saved_opts.get(k) != opts.get(k))
+            fits, detail = False, " (network options differ: " + ", ".join(
+                f"{k} {saved_opts.get(k)} in the checkpoint, {opts.get(k)} now" for k in differ) + ")"
+        if fits and isinstance(state.get("net"), dict):  # shapes or dtypes differ all the same
+            problem = checkpoint.tensor_mismatch(state["net"], self.learner.net.state_dict())
+            fits, detail = problem is None, f" ({problem})" if problem else ""
+        if not fits:
+            self._refuse(f"{self.ckpt_path} was written for --algo {written[2]} --env {written[0] or '?'} "
+                         f"--hidden {written[1] or '?'}; this run has --algo {cfg.algo} --env {cfg.env} "
+                         f"--hidden {cfg.hidden}: use another --run-dir or the same flags{detail}")
+        own_opt = getattr(getattr(self.learner, "opt", None), "kind", None)
+        saved_opt = optim.kind_of(state["opt"]) if isinstance(state.get("opt"), dict) else None
+        if own_opt and saved_opt and saved_opt != own_opt:
+            self._refuse(f"{self.ckpt_path} was written with --optimizer {saved_opt}; this run has --optimizer "
+                         f"{own_opt}: start a new run directory (another --run-dir) or pass --optimizer {saved_opt}")
+        try:
+            self.learner.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            # torch names shapes in a header, then one line per tensor; ours say it in one line
+            lines = str(e).strip().splitlines() or [repr(e)]
+            self._refuse(f"{self.ckpt_path} cannot be loaded by this run (--algo {cfg.algo} --optimizer "
+                         f"{cfg.optimizer}): {type(e).__name__}: {lines[min(1, len(lines) - 1)].strip()}; start a "
+                         f"new run directory (another --run-dir) or resume with the flags it was written with")
+        self.resumed_from = self.learner.steps
+
+    def _refuse(self, message: str) -> NoReturn:
+        print(f"learner: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(C.CONFIG_ERROR_EXIT)
 
     def weights(self, seq: int) -> list:
         """The current network as an encoded weights message."""

@@ -44,7 +44,8 @@ class ParameterServer:
                  target_update: int, max_staleness: int) -> None:
         self.net = net
         self.params = [p for _, p in trainable(net)]
-        self.opt = optim.RMSprop(self.params, lr=lr, alpha=alpha, eps=eps)
+        # Mnih et al. 2016: not centered, epsilon inside the square root (optim.RMSprop's convention).
+        self.opt = optim.RMSprop(self.params, lr=lr, alpha=alpha, eps=eps, module=net)
         self.grad_clip = grad_clip
         self.target_update = target_update
         self.max_staleness = max_staleness

@@ -13,7 +13,8 @@ from actor.nstep import SegmentBuffer
 from apex_zmq import config as C
 from apex_zmq.distributional import iqn_loss, rainbow_loss_and_priority, set_noise
 from apex_zmq.envs import env_spec
-from apex_zmq.networks import build_network, q_values
+from apex_zmq.models import build_network
+from apex_zmq.networks import q_values
 
 SPEC = env_spec("CartPole-v1")
 K, STEPS, N_STEP, GAMMA = 3, 4, 2, 0.9
@@ -129,7 +130,7 @@ def test_evaluation_q_values_are_expected_values_without_noise() -> None:
 def test_settings_the_algorithm_cannot_honour_are_refused_naming_the_flag(flags: list[str], flag: str) -> None:
     with pytest.raises(SystemExit) as e:
         C.parse(C.ActorConfig, ["--env", "CartPole-v1", *flags], "actor")
-    assert str(e.value.code).startswith(flag + ":"), e.value.code
+    assert e.value.code == C.CONFIG_ERROR_EXIT and str(e.value).startswith(flag + ":"), str(e.value)
 
 
 def test_rainbow_iqn_preset_is_the_seeds() -> None:

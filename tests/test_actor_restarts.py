@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from actor.main import newer_weights
+from actor.common import newer_weights
 from apex_zmq.exploration import actor_seed
 
 A, B = 0x1111_2222_3333, 0x4444_5555_6666  # two learner incarnations

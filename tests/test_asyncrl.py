@@ -1,7 +1,7 @@
 """The asynchronous family's maths, wire message, parameter server and actor-learner core, in process.
 
 References are written plainly here: returns with per-env loops, the A3C loss element by element, a
-plain ``torch.optim.RMSprop`` for the parameter server.
+shared RMSProp written out (Mnih et al. 2016: epsilon inside the square root) for the parameter server.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from apex_zmq.asyncrl import (
 )
 from apex_zmq.envs import EnvSpec, env_spec
 from apex_zmq.exploration import PAPER_FINAL_EPSILONS, annealed_epsilon, draw_final_epsilons
-from apex_zmq.networks import build_network, state_arrays
+from apex_zmq.models import build_network
+from apex_zmq.networks import state_arrays
 from learner.param_server import ParameterServer
 
 SPEC = EnvSpec("CartPole-v1", (4,), "float32", 2, False)
@@ -276,7 +277,13 @@ def test_server_equals_a_plain_optimizer_given_the_same_gradients(dtype: str) ->
     reference = ActorCritic(SPEC, 16)
     reference.load_state_dict(net.state_dict())
     server = _server(net, max_staleness=1000)
-    opt = torch.optim.RMSprop(reference.parameters(), lr=1e-2, alpha=0.99, eps=1e-5)
+    ms = [torch.zeros_like(p) for p in reference.parameters()]
+
+    def rmsprop_step() -> None:  # g / sqrt(ms + eps), as TensorFlow's RMSProp (not torch's, eps outside)
+        with torch.no_grad():
+            for p, m in zip(reference.parameters(), ms):
+                m.mul_(0.99).add_(p.grad * p.grad * (1 - 0.99))
+                p.sub_(1e-2 * p.grad / torch.sqrt(m + 1e-5))
     for g in _grad_msgs(net, 30, seed=6, dtype=dtype):
         g.version = server.steps - 1 if server.steps else 0  # one update old: applied
         frames = [bytes(memoryview(f).cast("B")) for f in wire.encode(g)]
@@ -284,7 +291,7 @@ def test_server_equals_a_plain_optimizer_given_the_same_gradients(dtype: str) ->
         for p, t in zip(reference.parameters(), gradient_tensors(g.arrays, dtype)):
             p.grad = t.clone()
         torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)
-        opt.step()
+        rmsprop_step()
     assert server.steps == 30 and server.stats.applied == 30
     for a, b in zip(net.state_dict().values(), reference.state_dict().values()):
         # The server clips with one norm over all its gradients (a flat buffer), torch with the norm of the

@@ -29,8 +29,9 @@ def write(tmp_path: Path, text: str, name: str = "cfg.toml") -> str:
 
 
 def exit_message(excinfo) -> str:
-    """The text a SystemExit carries (parse errors from config.py exit with a message)."""
-    return str(excinfo.value.code)
+    """The text a SystemExit carries (parse errors from config.py exit with a message; a ``ConfigError``
+    exits with code 78 and carries its message as ``str()``)."""
+    return str(excinfo.value) if isinstance(excinfo.value, C.ConfigError) else str(excinfo.value.code)
 
 
 # --------------------------------------------------------------------------- precedence
@@ -335,11 +336,78 @@ def test_save_overwrites(tmp_path):
     (LearnerConfig, "learner", ["--algo", "onestep_sarsa", "--noisy", "on"], "--noisy"),
     (LearnerConfig, "learner", ["--algo", "a3c", "--preset", "rainbow"], "--preset"),
     (LearnerConfig, "learner", ["--loader-threads", "-1"], "--loader-threads"),
+    # values no learner can run with (issue 22)
+    (LearnerConfig, "learner", ["--grad-clip", "-1"], "--grad-clip"),
+    (LearnerConfig, "learner", ["--algo", "a3c", "--grad-clip", "-0.5"], "--grad-clip"),
+    (LearnerConfig, "learner", ["--target-update", "0"], "--target-update"),
+    (LearnerConfig, "learner", ["--algo", "nstep_q", "--target-update", "-3"], "--target-update"),
+    (LearnerConfig, "learner", ["--lr", "0"], "--lr"),
+    (LearnerConfig, "learner", ["--lr=-1e-4"], "--lr"),
+    (LearnerConfig, "learner", ["--lr", "nan"], "--lr"),
+    (LearnerConfig, "learner", ["--lr", "inf"], "--lr"),
+    (LearnerConfig, "learner", ["--adam-eps", "0"], "--adam-eps"),
+    (LearnerConfig, "learner", ["--optimizer", "rmsprop", "--rmsprop-eps", "0"], "--rmsprop-eps"),
+    (LearnerConfig, "learner", ["--rmsprop-alpha", "1"], "--rmsprop-alpha"),
+    (LearnerConfig, "learner", ["--rmsprop-alpha", "-0.1"], "--rmsprop-alpha"),
+    (LearnerConfig, "learner", ["--weights-period", "0"], "--weights-period"),
+    (LearnerConfig, "learner", ["--checkpoint-period", "-1"], "--checkpoint-period"),
+    (LearnerConfig, "learner", ["--max-learner-steps", "-1"], "--max-learner-steps"),
+    (LearnerConfig, "learner", ["--hidden", "0"], "--hidden"),
+    (LearnerConfig, "learner", ["--n-step", "0"], "--n-step"),
+    (LearnerConfig, "learner", ["--telemetry-period", "0"], "--telemetry-period"),
+    (ReplayConfig, "replay_server", ["--batch-size", "0"], "--batch-size"),
+    (ReplayConfig, "replay_server", ["--alpha", "-0.5"], "--alpha"),
+    (ReplayConfig, "replay_server", ["--beta", "1.5"], "--beta"),
+    (ReplayConfig, "replay_server", ["--beta-anneal", "-1"], "--beta-anneal"),
+    (ReplayConfig, "replay_server", ["--prefetch", "0"], "--prefetch"),
+    (ReplayConfig, "replay_server", ["--snapshot-period", "-1"], "--snapshot-period"),
+    (ActorConfig, "actor", ["--eps-base", "1.5"], "--eps-base"),
+    (ActorConfig, "actor", ["--eps-alpha", "-1"], "--eps-alpha"),
+    (ActorConfig, "actor", ["--env-groups", "0"], "--env-groups"),
+    (ActorConfig, "actor", ["--env-threads", "0"], "--env-threads"),
+    (ActorConfig, "actor", ["--max-actor-steps", "-1"], "--max-actor-steps"),
+    (EvaluatorConfig, "evaluator", ["--eval-period", "0"], "--eval-period"),
+    (EvaluatorConfig, "evaluator", ["--eval-epsilon", "-0.1"], "--eval-epsilon"),
+    (EvaluatorConfig, "evaluator", ["--report-period", "0"], "--report-period"),
+    (EvaluatorConfig, "evaluator", ["--heartbeat-timeout", "0"], "--heartbeat-timeout"),
+    (EvaluatorConfig, "evaluator", ["--ladder-window", "0"], "--ladder-window"),
+    (LaunchConfig, "run", ["--max-restarts", "-1"], "--max-restarts"),
+    (LaunchConfig, "run", ["--max-seconds", "-5"], "--max-seconds"),
+    (LaunchConfig, "run", ["--grad-clip", "-1"], "--grad-clip"),
 ])
-def test_validate_errors_name_the_flag(cls, role, argv, flag):
-    with pytest.raises(SystemExit) as e:
+def test_validate_errors_name_the_flag(cls, role, argv, flag, capsys):
+    with pytest.raises(C.ConfigError) as e:
         C.parse(cls, argv, role)
     assert exit_message(e).startswith(flag + ":")
+    assert e.value.code == C.CONFIG_ERROR_EXIT  # ./run.sh does not restart a role that exits so
+    assert flag + ":" in capsys.readouterr().err  # said on stderr before the exit
+
+
+def test_grad_clip_zero_is_accepted_as_no_clipping():
+    for algo in ("dqn", "rainbow", "iqn", "a3c"):
+        assert C.parse(LearnerConfig, ["--algo", algo, "--grad-clip", "0"], "learner").grad_clip == 0.0
+    C.parse(LearnerConfig, ["--target-update", "1", "--lr", "1e-9"], "learner")
+
+
+def test_rmsprop_defaults_are_the_papers_for_replay_learners_and_the_async_familys_own():
+    apex = C.parse(LearnerConfig, ["--optimizer", "rmsprop"], "learner")
+    assert (apex.optimizer, apex.rmsprop_alpha, apex.rmsprop_eps) == ("rmsprop", 0.95, 1.5e-7)
+    for env in ("CartPole-v1", "ALE/Pong-v5"):
+        a3c = C.parse(LearnerConfig, ["--env", env, "--algo", "a3c"], "learner")
+        assert (a3c.rmsprop_alpha, a3c.rmsprop_eps) == (0.99, 1e-5)
+    flags = C.parse(LearnerConfig, ["--algo", "a3c", "--rmsprop-alpha", "0.9", "--rmsprop-eps", "0.1"], "learner")
+    assert (flags.rmsprop_alpha, flags.rmsprop_eps) == (0.9, 0.1)
+
+
+def test_launcher_refuses_a_bad_value_before_starting_anything(tmp_path: Path):
+    import subprocess
+    import sys
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "apex_zmq.launch", "--env", "CartPole-v1", "--run-dir",
+                          str(run_dir), "--target-update", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == C.CONFIG_ERROR_EXIT, out.stdout + out.stderr
+    assert "--target-update: must be >= 1" in out.stderr
+    assert not run_dir.exists()  # refused before anything started
 
 
 def test_presets_of_one_algorithm_on_one_env():

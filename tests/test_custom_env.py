@@ -25,7 +25,8 @@ from apex_zmq import checkpoint
 from apex_zmq import config as C
 from apex_zmq import envs
 from apex_zmq.launch import role_module
-from apex_zmq.networks import NATURE_CONVS, SMALL_CONVS, build_network, conv_layers_for
+from apex_zmq.models import build_network
+from apex_zmq.networks import NATURE_CONVS, SMALL_CONVS, conv_layers_for
 
 MODULE = "tests.custom_envs"
 custom = pytest.importorskip(MODULE)

@@ -239,3 +239,23 @@ def test_batch_from_sample_of_a_good_sample_has_no_bad_ids() -> None:
     b = batch_from_sample(s, 2, torch.device("cpu"))
     assert b.ids.tolist() == [1, 2] and len(b.bad_ids) == 0 and b.bad_ids.dtype == np.int64
     assert b.incarnation == (1 << 53) - 1
+
+
+def test_checkpoints_keep_the_cuda_rng_state_where_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noisy layers and IQN's taus draw on the training device: a GPU run's resume restores that RNG too.
+    (Faked here: the state torch.cuda would give, and what it is set back to.)"""
+    learner = DQNLearner(nn.Sequential(nn.Linear(3, 2)), "adam", 1e-2, 5, 40.0)
+    assert "cuda_rng" not in learner.state_dict() or torch.cuda.is_available()
+    states = [torch.arange(8, dtype=torch.uint8), torch.arange(8, 16, dtype=torch.uint8)]
+    restored: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: restored.append(list(s)))
+    state = learner.state_dict()
+    assert [torch.equal(a, b) for a, b in zip(state["cuda_rng"], states)] == [True, True]
+    learner.load_state_dict(state)
+    assert len(restored) == 1 and len(restored[0]) == 1 and torch.equal(restored[0][0], states[0])  # one GPU here
+    del state["cuda_rng"]  # a checkpoint written without a GPU
+    learner.load_state_dict(state)
+    assert len(restored) == 1

@@ -51,7 +51,7 @@ from apex_zmq.asyncrl import trainable
 from apex_zmq.config import ReplayConfig, loopback_endpoints
 from apex_zmq.envs import EnvSpec
 from apex_zmq.logger import Logger
-from apex_zmq.networks import build_network
+from apex_zmq.models import build_network
 from apex_zmq.transport import MAX_MESSAGE_BYTES
 from evaluator.main import RunMonitor
 from learner.dqn import batch_from_sample

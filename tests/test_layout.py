@@ -32,6 +32,111 @@ def _imported_top_levels(path: Path) -> set[str]:
     return out
 
 
+PROJECT_PACKAGES = ("apex_zmq", *ROLES)
+
+
+def _project_modules() -> dict[str, Path]:
+    """Dotted name -> file of every module of the project's packages (a package is its ``__init__``)."""
+    out = {}
+    for pkg in PROJECT_PACKAGES:
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            parts = list(f.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = f
+    return out
+
+
+def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement, at module level or inside functions and classes, except those under
+    ``if TYPE_CHECKING:`` (never run)."""
+    found: list = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+    visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (module- or function-level; relative imports resolved).
+    ``from pkg import name`` is an edge to ``pkg.name`` when that is a module (``from . import x`` in a
+    package's ``__init__`` imports its submodule x), else to ``pkg`` itself."""
+    modules = _project_modules()
+
+    def owner(name: str) -> str | None:  # the module a dotted name lives in: itself or its nearest parent
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        edges: set[str] = set()
+        for node in _runtime_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [owner(a.name) for a in node.names]
+            else:
+                if node.level:
+                    base = package.split(".")
+                    base = base[:len(base) - (node.level - 1)]
+                    full = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    full = node.module or ""
+                targets = [f"{full}.{a.name}" if f"{full}.{a.name}" in modules else owner(full) for a in node.names]
+            edges |= {t for t in targets if t is not None and t != mod}
+        graph[mod] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_the_project_has_no_import_circle() -> None:
+    graph = import_graph()
+    assert {"apex_zmq.networks", "actor.main", "learner.algos"} <= set(graph)
+    assert "apex_zmq.torsos" in graph["apex_zmq.distributional"]  # relative imports resolved
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_the_circle_finder_sees_lazy_imports_and_from_package_imports(tmp_path: Path) -> None:
+    """The checker itself: a circle closed by a function-level import, or by ``from . import x`` in a
+    package's ``__init__``, is found; ``from . import x`` elsewhere points at the submodule only."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"p": {"p.x"}, "p.x": {"p.y"}, "p.y": set()}) is None
+    tree = ast.parse("import os\ndef f():\n    from .main import g\nif TYPE_CHECKING:\n    from . import h\n")
+    assert [type(n).__name__ for n in _runtime_imports(tree)] == ["Import", "ImportFrom"]
+
+
 @pytest.mark.parametrize("role", ROLES)
 def test_a_role_package_imports_no_other_role_package(role: str) -> None:
     files = sorted((ROOT / role).rglob("*.py"))
@@ -112,6 +217,11 @@ def test_a_built_wheel_installs_all_five_packages(tmp_path: Path) -> None:
         assert f"{role}/__main__.py" in names
     assert {"evaluator/dashboard/static/index.html", "evaluator/dashboard/static/uPlot.iife.min.js"} <= names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    # the licence travels with the wheel, named in its metadata (PEP 639)
+    info = next(n.rpartition("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+    assert f"{info}/licenses/LICENSE" in names
+    metadata = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in metadata and "License-File: LICENSE" in metadata
     clean = tmp_path / "venv"
     venv.create(clean, with_pip=False)
     site = next(clean.glob("lib/python*/site-packages"))

@@ -9,11 +9,11 @@ import torch
 from apex_zmq import cpu
 from apex_zmq.cpu import CpuCaps
 from apex_zmq.envs import EnvSpec
+from apex_zmq.models import build_network
 from apex_zmq.networks import (
     ActingChoice,
     ActingNetwork,
     Int8ActingNetwork,
-    build_network,
     choose_acting,
     greedy_agreement,
     int8_engine,

@@ -14,7 +14,7 @@ import torch
 from apex_zmq import checkpoint
 from apex_zmq.checkpoint import best_path, best_score
 from apex_zmq.envs import EnvSpec
-from apex_zmq.networks import build_network
+from apex_zmq.models import build_network
 from evaluator.play import best_checkpoint, load_checkpoint, main
 from evaluator.protocols import PLAIN, evaluate_policy
 from learner.dqn import DQNLearner

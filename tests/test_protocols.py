@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from apex_zmq.envs import EnvSpec
-from apex_zmq.networks import build_network
+from apex_zmq.models import build_network
 from evaluator import protocols as P
 from evaluator.atari_scores import RANDOM_HUMAN, has_hns, human_normalized, median_hns, table_key
 

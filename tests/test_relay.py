@@ -35,7 +35,8 @@ def ep(port: int) -> str:
 def net_arrays() -> tuple[list[str], list[np.ndarray]]:
     """The CartPole network's parameters, as the learner sends them."""
     from apex_zmq.envs import env_spec
-    from apex_zmq.networks import build_network, state_arrays
+    from apex_zmq.models import build_network
+    from apex_zmq.networks import state_arrays
     return state_arrays(build_network(env_spec("CartPole-v1"), 64))
 
 

@@ -120,3 +120,58 @@ def test_checkpoint_of_another_c51_support_stops_the_learner_naming_it(tmp_path:
         LearnerCore(C.LearnerConfig(**{**cfg, "v_max": 200.0}))
     assert stopped.value.code == C.CONFIG_ERROR_EXIT
     assert "network options differ: vmax 110.0 in the checkpoint, 200.0 now" in capsys.readouterr().err
+
+
+def _core(run_dir: Path, **kw) -> LearnerCore:
+    return LearnerCore(C.LearnerConfig(**{**dict(env="CartPole-v1", hidden=16, run_dir=str(run_dir),
+                                                 device="cpu"), **kw}))
+
+
+def test_checkpoint_of_another_optimizer_stops_the_learner_naming_it_and_the_way_out(tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    _core(run_dir).save()  # adam, the default
+    assert _core(run_dir).resumed_from == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        _core(run_dir, optimizer="rmsprop")
+    assert stopped.value.code == C.CONFIG_ERROR_EXIT
+    ckpt = checkpoint.last_path(run_dir)
+    assert (f"learner: {ckpt} was written with --optimizer adam; this run has --optimizer rmsprop: start a new "
+            f"run directory (another --run-dir) or pass --optimizer adam") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where,change,said", [
+    ("net", lambda t: t.double(), "dtype mismatch for advantage.2.weight: torch.float64 in the checkpoint, "
+                                  "torch.float32 in this network"),
+    ("opt", lambda t: t.double(), "'exp_avg' of parameter 0 is torch.float64"),
+    ("opt", lambda t: t[:, :1].clone(), "'exp_avg' of parameter 0 is torch.float32 [16, 1]"),  # would broadcast
+])
+def test_checkpoint_tensors_of_another_dtype_or_shape_stop_the_learner(tmp_path: Path, capsys, where, change,
+                                                                        said) -> None:
+    run_dir = tmp_path / "run"
+    core = _core(run_dir)
+    core.save()
+    ckpt = checkpoint.last_path(run_dir)
+    state = checkpoint.load(ckpt)
+    if where == "net":
+        state["net"]["advantage.2.weight"] = change(state["net"]["advantage.2.weight"])
+    else:
+        state["opt"]["state"][0] = {"step": torch.tensor(1.0), "exp_avg_sq": torch.zeros(16, 4),
+                                    "exp_avg": change(torch.zeros(16, 4))}
+    checkpoint.save_atomic(state, ckpt)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        _core(run_dir)
+    assert stopped.value.code == C.CONFIG_ERROR_EXIT
+    err = capsys.readouterr().err
+    assert said in err and "--run-dir" in err, err
+
+
+def test_learner_program_exits_78_without_a_traceback_on_another_optimizer(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _core(run_dir, hidden=64).save()
+    argv = [sys.executable, "-m", "learner", "--env", "CartPole-v1", "--run-dir", str(run_dir), "--optimizer",
+            "rmsprop", "--device", "cpu", *endpoint_flags(free_port_base())]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == C.CONFIG_ERROR_EXIT, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "pass --optimizer adam" in out.stderr and "Traceback" not in out.stderr

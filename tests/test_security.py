@@ -318,7 +318,8 @@ async def _gradients_scenario(keydir: Path, eps: dict[str, str], procs: dict[str
                               logs: Path) -> None:
     from apex_zmq.asyncrl import gradient_arrays
     from apex_zmq.envs import env_spec
-    from apex_zmq.networks import build_network, load_arrays
+    from apex_zmq.models import build_network
+    from apex_zmq.networks import load_arrays
 
     server = Sockets(keys=str(keydir))
     rogue_ctx = zmq.asyncio.Context()

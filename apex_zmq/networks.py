@@ -20,6 +20,7 @@ from .torsos import (  # noqa: F401
     NATURE_CONVS,
     NATURE_MIN_SIDE,
     SMALL_CONVS,
+    TINY_CONVS,
     NatureTorso,
     build_torso,
     conv_layers_for,

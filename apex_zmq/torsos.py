@@ -11,8 +11,13 @@ from .envs import EnvSpec
 
 # (out channels, kernel, stride) of each convolution.
 NATURE_CONVS = ((32, 8, 4), (64, 4, 2), (64, 3, 1))  # Mnih et al. 2015: images of 36x36 and up
-SMALL_CONVS = ((32, 3, 1), (64, 3, 2))  # smaller images (at least envs.MIN_IMAGE_SIDE a side)
+SMALL_CONVS = ((32, 3, 1), (64, 3, 2))  # images of 16x16 to 35x35
 NATURE_MIN_SIDE = 36  # the smallest side the Nature kernels fit (conv3 sees 1x1)
+# Young & Tian 2019's MinAtar network: one 3x3 convolution of 16 channels, stride 1, keeping the grid (a
+# stride-2 layer on 10x10 leaves 3x3). For images under 16 a side (at least envs.MIN_IMAGE_SIDE): on
+# MinAtar it learns as their DQN does and its training step costs ~1/3 of SMALL_CONVS' (BENCHMARKS.md).
+TINY_CONVS = ((16, 3, 1),)
+SMALL_MIN_SIDE = 16
 
 
 class NatureTorso(nn.Module):
@@ -35,8 +40,10 @@ class NatureTorso(nn.Module):
 
 
 def conv_layers_for(obs_shape: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
-    """The convolutions for [C, H, W] images: Nature's where they fit, else the small ones."""
-    return NATURE_CONVS if min(obs_shape[1:]) >= NATURE_MIN_SIDE else SMALL_CONVS
+    """The convolutions for [C, H, W] images: Nature's where they fit, the small ones from 16x16, else
+    Young & Tian's one layer (MinAtar)."""
+    side = min(obs_shape[1:])
+    return NATURE_CONVS if side >= NATURE_MIN_SIDE else SMALL_CONVS if side >= SMALL_MIN_SIDE else TINY_CONVS
 
 
 def nature_cnn(spec: EnvSpec) -> bool:
@@ -52,8 +59,10 @@ SMALL_PAPER_CONVS = ((16, 3, 1), (32, 3, 2))
 
 
 def paper_conv_layers_for(obs_shape: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
-    """The asynchronous family's convolutions for [C, H, W] images: the paper's where they fit."""
-    return PAPER_CONVS if min(obs_shape[1:]) >= PAPER_MIN_SIDE else SMALL_PAPER_CONVS
+    """The asynchronous family's convolutions for [C, H, W] images: the paper's where they fit, Young &
+    Tian's one layer under 16 a side (their actor-critic's, on MinAtar)."""
+    side = min(obs_shape[1:])
+    return PAPER_CONVS if side >= PAPER_MIN_SIDE else SMALL_PAPER_CONVS if side >= SMALL_MIN_SIDE else TINY_CONVS
 
 
 def build_torso(spec: EnvSpec, hidden: int, convs: tuple[tuple[int, int, int], ...] | None = None,

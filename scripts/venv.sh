@@ -4,7 +4,8 @@ set -euo pipefail
 APEX_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$APEX_ROOT/.venv"
 ensure_venv() {
-  local want_dev="${1:-}" stamp hash files=("$APEX_ROOT/requirements.txt" "$APEX_ROOT/pyproject.toml")
+  local want_dev="${1:-}" stamp hash files=("$APEX_ROOT/requirements.txt" "$APEX_ROOT/pyproject.toml"
+                                            "$APEX_ROOT/requirements-minatar.txt")
   [ -n "$want_dev" ] && files+=("$APEX_ROOT/requirements-dev.txt")
   hash="$(cat "${files[@]}" | sha256sum | cut -c1-16)"
   stamp="$VENV/.apex-installed-${hash}"
@@ -25,6 +26,10 @@ ensure_venv() {
   echo "[2/3] installing requirements${want_dev:+ and test requirements}" >&2
   "$VENV/bin/python" -m pip install --progress-bar on -r "$APEX_ROOT/requirements.txt" \
     ${want_dev:+-r "$APEX_ROOT/requirements-dev.txt"} >&2
+  if [ -z "${APEX_NO_MINATAR:-}" ]; then
+    # GPL-3.0 and optional: without its plotting dependencies (see requirements-minatar.txt).
+    "$VENV/bin/python" -m pip install -q --no-deps -r "$APEX_ROOT/requirements-minatar.txt" >&2
+  fi
   echo "[3/3] installing apex-zmq itself" >&2
   "$VENV/bin/python" -m pip install -q --no-deps -e "$APEX_ROOT" >&2
   touch "$stamp"

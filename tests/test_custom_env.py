@@ -26,7 +26,7 @@ from apex_zmq import config as C
 from apex_zmq import envs
 from apex_zmq.launch import role_module
 from apex_zmq.models import build_network
-from apex_zmq.networks import NATURE_CONVS, SMALL_CONVS, conv_layers_for
+from apex_zmq.networks import NATURE_CONVS, SMALL_CONVS, TINY_CONVS, conv_layers_for
 
 MODULE = "tests.custom_envs"
 custom = pytest.importorskip(MODULE)
@@ -92,6 +92,8 @@ def test_the_cnn_fits_any_supported_image_size() -> None:
     assert conv_layers_for((4, 84, 84)) == NATURE_CONVS  # Atari keeps the Nature CNN (and its checkpoints)
     assert conv_layers_for((3, 36, 40)) == NATURE_CONVS
     assert conv_layers_for((3, 35, 96)) == SMALL_CONVS
+    assert conv_layers_for((3, 16, 20)) == SMALL_CONVS
+    assert conv_layers_for((4, 10, 10)) == TINY_CONVS  # MinAtar: Young & Tian's one 3x3 layer
     for shape in ((1, envs.MIN_IMAGE_SIDE, envs.MIN_IMAGE_SIDE), (3, 35, 35), (3, 36, 36), (3, 96, 96), (2, 6, 11)):
         net = build_network(envs.EnvSpec("x", shape, "uint8", 3, False), hidden=16)
         assert net(torch.zeros(2, *shape, dtype=torch.uint8)).shape == (2, 3), shape
@@ -267,7 +269,7 @@ def test_image_env_smoke_run_through_the_launcher(tmp_path: Path) -> None:
     assert proc.returncode == 0, output[-3000:] + logs
     assert "exited with code" not in output, output[-3000:] + logs  # no role crashed on the frames
     state = checkpoint.load(checkpoint.last_path(run_dir))
-    assert tuple(state["net"]["torso.net.0.weight"].shape) == (32, 2, 3, 3)  # SMALL_CONVS over 2 channels
+    assert tuple(state["net"]["torso.net.0.weight"].shape) == (16, 2, 3, 3)  # TINY_CONVS over 2 channels
 
 
 def test_relay_ignores_env_module() -> None:

@@ -259,6 +259,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "CartPole-v1": _CLASSIC,
     "atari": dict(hidden=512, envs_per_actor=32, chunk_steps=16, capacity=2_000_000,
                   batch_size=512, min_size=50_000, lr=0.00025 / 4, target_update=2500),
+    # MinAtar (Young & Tian 2019): their DQN's replay (100k, learning from 5k), network (one 16-channel
+    # 3x3 convolution, 128 units: torsos.TINY_CONVS; here with a dueling head) and learning rate, at batch
+    # 128 (per transition ~half the CPU of batch 32) with the target every 250 steps (their 1,000 updates of
+    # 32 in sampled transitions). Eight sampled transitions per inserted one, inserts held: on 2 cores the
+    # lone actor would otherwise make ~10k steps/s that the learner (~90 steps/s of 128) never replays, and
+    # take the learner's core; held, acting is cheap and the learner gets a core (BENCHMARKS.md). Evaluations
+    # of 30 episodes at epsilon 0.01 (the published protocol) every 20 s.
+    "minatar": dict(hidden=128, envs_per_actor=8, chunk_steps=8, capacity=100_000, batch_size=128,
+                    min_size=5_000, lr=2.5e-4, target_update=250, samples_per_insert=8.0,
+                    spi_block_inserts=True, weights_period=0.5, checkpoint_period=60.0, eval_period=20.0,
+                    eval_episodes=30, eval_epsilon=0.01, report_period=5.0, prefetch=4, loader_threads=0,
+                    eps_base=0.4, eps_alpha=7.0, n_step=3, gamma=0.99),
 }
 
 
@@ -284,6 +296,9 @@ ASYNC_PRESETS: dict[str, dict[str, Any]] = {
                     eps_anneal_frames=20_000, max_staleness=32, **_ASYNC_RMSPROP),
     "atari": dict(lr=7e-4, t_max=5, envs_per_actor=16, hidden=256, weights_period=0.1, target_update=125,
                   eps_anneal_frames=4_000_000, max_staleness=32, **_ASYNC_RMSPROP),
+    # MinAtar: Young & Tian's network (128 units), epsilon annealed over their 100k frames.
+    "minatar": dict(lr=1e-3, t_max=5, envs_per_actor=8, hidden=128, weights_period=0.05, target_update=250,
+                    eps_anneal_frames=100_000, max_staleness=32, **_ASYNC_RMSPROP),
 }
 
 
@@ -307,11 +322,19 @@ ENV_ALGO_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+# Returns on MinAtar reach ~100 (SpaceInvaders, Asterix): Revisiting Rainbow's MinAtar support, +-100.
+# IQN at 16 / 16 / 8 quantile samples: its step at 64 / 64 / 32 costs several times dqn's on CPU.
+for _game in ("Asterix", "Breakout", "Freeway", "Seaquest", "SpaceInvaders"):
+    for _v in ("v0", "v1"):
+        ENV_ALGO_PRESETS[(f"MinAtar/{_game}-{_v}", "rainbow")] = dict(v_min=-100.0, v_max=100.0)
+        ENV_ALGO_PRESETS[(f"MinAtar/{_game}-{_v}", "iqn")] = dict(iqn_n=16, iqn_n_prime=16, iqn_k=8)
+
+
 def preset_for(env: str, algo: str = "dqn") -> dict[str, Any]:
     """The preset of ``env`` for ``algo``: the env's (ALE ids share the ``atari`` one, other envs without
     their own the ``classic`` one), then the asynchronous family's over it, then ``ENV_ALGO_PRESETS``'."""
-    kind = "atari" if env.startswith("ALE/") else "classic"
-    out = dict(PRESETS["atari"] if kind == "atari" else PRESETS.get(env, PRESETS["classic"]))
+    kind = "atari" if env.startswith("ALE/") else "minatar" if env.startswith("MinAtar/") else "classic"
+    out = dict(PRESETS[kind] if kind != "classic" else PRESETS.get(env, PRESETS["classic"]))
     if algo in ASYNC_ALGOS:
         out.update(ASYNC_PRESETS[kind])
     out.update(ENV_ALGO_PRESETS.get((env, algo), {}))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Callable
 
 from . import config as C
+from .cpu_advice import cpu_learner_steps_per_s, no_gpu_message
 
 # Each role is a top-level package run as ``python -m <package>``; the relay is part of the shared library.
 ROLE_MODULES = {"replay_server": "replay_server", "learner": "learner", "actor": "actor",
@@ -304,7 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "finished.json").unlink(missing_ok=True)
     config_path = C.save(cfg, cfg.run_dir, "config")
-    roles = build_roles(cfg, config_path)
+    learner_on_gpu = _learner_on_gpu(cfg)
+    if cfg.env.startswith("ALE/") and not learner_on_gpu:
+        threads = plan_budgets(cfg, os.cpu_count() or 1, False)["learner"].torch_threads
+        print(f"run.sh: no GPU here; measuring the learner's step on this CPU ({threads} thread(s))...", flush=True)
+        rate = cpu_learner_steps_per_s(threads, cfg.batch_size, hidden=cfg.hidden)
+        print(no_gpu_message(cfg.env, rate, threads, cfg.batch_size), flush=True)
+    roles = build_roles(cfg, config_path, learner_on_gpu=learner_on_gpu)
     sup = Supervisor(roles, cfg.max_restarts, run_dir / "roles.json")
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     kind = "actor-learner" if C.is_async(cfg) else "actor"

@@ -12,6 +12,8 @@ import pytest
 from conftest import ROOT, free_port_base
 
 from apex_zmq import config as C
+from apex_zmq import launch
+from apex_zmq.cpu_advice import cpu_learner_steps_per_s, no_gpu_message
 from apex_zmq.launch import Role, Supervisor, exit_code, restart_delay, supervise
 
 # Tiny stand-ins for roles: real processes, so exit codes and pipes behave as in a run.
@@ -196,3 +198,29 @@ def test_launcher_exits_non_zero_at_once_on_a_checkpoint_of_another_network(tmp_
             f"this run has --algo dqn --env CartPole-v1 --hidden 32") in out.stdout
     assert "run.sh: stopped (failed)" in out.stdout
     assert "learner exited with code" not in out.stdout  # it was not restarted
+    assert "no GPU here" not in out.stdout  # said of Atari runs only
+
+
+def test_no_gpu_message_names_the_rate_and_the_minatar_command() -> None:
+    text = no_gpu_message("ALE/Breakout-v5", 0.8, 2, 512)
+    assert "no GPU here" in text and "0.80 steps/s of 512 on 2 thread(s)" in text and "~2,880 steps an hour" in text
+    assert "./run.sh --env MinAtar/Breakout-v0" in text
+
+
+def test_cpu_learner_rate_is_measured() -> None:
+    rate = cpu_learner_steps_per_s(1, batch=4, hidden=16)
+    assert 0 < rate < float("inf")
+
+
+def test_atari_run_without_gpu_is_told_at_once_before_any_role_starts(tmp_path: Path) -> None:
+    if launch.gpu_device_nodes():
+        pytest.skip("this machine has a GPU driver")
+    argv = [sys.executable, "-m", "apex_zmq.launch", "--env", "ALE/Pong-v5", "--run-dir", str(tmp_path / "run"),
+            "--port-base", str(free_port_base()), "--max-seconds", "2", "--num-actors", "1",
+            "--dashboard-port", "0", "--hidden", "16", "--batch-size", "8"]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = out.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if "run.sh: no GPU here" in line)
+    started = next(i for i, line in enumerate(lines) if line.startswith("run.sh: ALE/Pong-v5, --algo dqn"))
+    assert first < started, out.stdout[-3000:]
+    assert "steps/s of 8 on" in out.stdout and "./run.sh --env MinAtar/Breakout-v0" in out.stdout, out.stdout

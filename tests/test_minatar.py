@@ -100,31 +100,44 @@ TINY = ["--min-size", "200", "--batch-size", "16", "--eval-episodes", "2", "--ev
         "--num-actors", "1", "--max-seconds", "240"]
 
 
+def _through_all_roles(tmp_path, game: str, algo: str) -> None:
+    """A brief run of ``algo`` on ``game`` under the launcher: 20 learner steps, frames through the replay
+    (replay rules), an evaluation of trained weights, no traceback, no rejected message, a checkpoint of
+    Young & Tian's first layer over the game's channels."""
+    env_id = f"MinAtar/{game}-v0"
+    run_dir, log = tmp_path / f"{game}-{algo}", tmp_path / f"{game}-{algo}.log"
+    proc = _launch(run_dir, log, "--env", env_id, "--algo", algo, *TINY)
+    replay = not C.is_async(C.LearnerConfig(algo=algo))
+
+    def turned_over() -> bool:
+        evals = [r for r in _rows(run_dir / "eval.csv") if int(r["learner_steps"]) > 0]
+        wire = not replay or _metric_max(run_dir, "replay/sampled") > 0  # the replay's telemetry too
+        return _metric_max(run_dir, "learner/steps") >= 20 and bool(evals) and wire
+
+    try:
+        _wait(proc, run_dir, log, f"{env_id} {algo}: 20 learner steps and an evaluation", turned_over, 150)
+    finally:
+        code = _stop(proc)
+    out = log.read_text(errors="replace")
+    assert code == 0, out[-3000:]
+    for path in (run_dir / "logs").glob("*.log"):
+        assert "Traceback" not in path.read_text(errors="replace"), _role_logs(run_dir)
+    if replay:  # frames crossed the wire into the replay and back out to the learner
+        assert _metric_max(run_dir, "replay/inserted") > 0 and _metric_max(run_dir, "replay/sampled") > 0
+    for tag in ("learner/rejected", "actor/rejected", "replay/rejected"):
+        assert _metric_max(run_dir, tag) <= 0, f"{env_id} {algo} {tag}"
+    state = checkpoint.load(checkpoint.last_path(run_dir))
+    assert state["env"] == env_id and state["algo"] == algo
+    first_conv = next(k for k in state["net"] if k.endswith("net.0.weight"))
+    assert tuple(state["net"][first_conv].shape)[:2] == (16, CHANNELS[game])
+
+
 @pytest.mark.parametrize("algo", ["dqn", "a3c"])
 def test_every_game_through_all_roles(tmp_path, algo: str) -> None:
     for game in sorted(GAMES):
-        env_id = f"MinAtar/{game}-v0"
-        run_dir, log = tmp_path / game, tmp_path / f"{game}.log"
-        proc = _launch(run_dir, log, "--env", env_id, "--algo", algo, *TINY)
+        _through_all_roles(tmp_path, game, algo)
 
-        def turned_over() -> bool:
-            evals = [r for r in _rows(run_dir / "eval.csv") if int(r["learner_steps"]) > 0]
-            wire = algo != "dqn" or _metric_max(run_dir, "replay/sampled") > 0  # replay's telemetry too
-            return _metric_max(run_dir, "learner/steps") >= 20 and bool(evals) and wire
 
-        try:
-            _wait(proc, run_dir, log, f"{env_id} {algo}: 20 learner steps and an evaluation", turned_over, 150)
-        finally:
-            code = _stop(proc)
-        out = log.read_text(errors="replace")
-        assert code == 0, out[-3000:]
-        for path in (run_dir / "logs").glob("*.log"):
-            assert "Traceback" not in path.read_text(errors="replace"), _role_logs(run_dir)
-        if algo == "dqn":  # frames crossed the wire into the replay and back out to the learner
-            assert _metric_max(run_dir, "replay/inserted") > 0 and _metric_max(run_dir, "replay/sampled") > 0
-        for tag in ("learner/rejected", "actor/rejected", "replay/rejected"):
-            assert _metric_max(run_dir, tag) <= 0, f"{env_id} {algo} {tag}"
-        state = checkpoint.load(checkpoint.last_path(run_dir))
-        assert state["env"] == env_id
-        first_conv = "torso.net.0.weight" if algo == "dqn" else "torso.0.net.0.weight"
-        assert tuple(state["net"][first_conv].shape)[:2] == (16, CHANNELS[game])
+@pytest.mark.parametrize("algo", ["rainbow", "iqn", "nstep_q", "onestep_q", "onestep_sarsa"])
+def test_every_other_rule_runs_on_minatar(tmp_path, algo: str) -> None:
+    _through_all_roles(tmp_path, "SpaceInvaders", algo)

@@ -53,6 +53,22 @@ def real_chunks(env: str, count: int, envs: int = 32, acting_dtype: str = "auto"
     return chunks
 
 
+def stop_launcher(proc) -> None:
+    """Ctrl-C a ./run.sh launcher started in its own process group (every role stops cleanly), killing
+    the group if it has not exited within a minute."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def endpoints(base: int) -> dict[str, str]:
     """Endpoint by name (experience, samples, ...) for ports from ``base``."""
     flags = endpoint_flags(base)

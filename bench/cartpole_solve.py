@@ -63,7 +63,6 @@ import csv
 import io
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -74,7 +73,7 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, free_port_base, print_machine  # noqa: E402
+from _common import ROOT, free_port_base, print_machine, stop_launcher  # noqa: E402
 
 ENV = "CartPole-v1"
 ALGOS = ("dqn", "rainbow", "iqn", "a3c", "nstep_q")  # replay (Ape-X) rules, then the asynchronous family's
@@ -213,13 +212,7 @@ def run_ours(target: float, limit: float, extra: list[str], log_dir: Path, index
                     break
                 time.sleep(0.2)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)  # the launcher stops every role cleanly
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_launcher(proc)
             weights.close()
             res["weights_received"] = weights.received
         for line in log.read_text(errors="replace").splitlines():

@@ -60,7 +60,6 @@ import json
 import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -70,7 +69,7 @@ from typing import Any, Optional
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from _common import ROOT, free_port_base, machine_line, print_machine  # noqa: E402
+from _common import ROOT, free_port_base, machine_line, print_machine, stop_launcher  # noqa: E402
 
 # This file has the name of the ``minatar`` package: with bench/ on sys.path (where Python puts a script's
 # folder), the env family's look-up of that package (``importlib.util.find_spec("minatar")``) finds this
@@ -336,13 +335,7 @@ def run_ours(env_id: str, algo: str, budget: float, episodes: int, extra: list[s
         while proc.poll() is None and time.time() - t0 < budget:
             time.sleep(min(1.0, max(0.0, budget - (time.time() - t0))))
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)  # the launcher stops every role cleanly
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_launcher(proc)
     early = time.time() - t0 < budget - 1
     cfg_path = run_dir / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}

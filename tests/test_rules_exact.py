@@ -23,6 +23,7 @@ from apex_zmq import distributional
 from apex_zmq.distributional import build_distributional_network, iqn_loss, noisy_layers, rainbow_loss
 from apex_zmq.envs import EnvSpec
 from learner.dqn import Batch, DQNLearner
+from test_distributional import _projection_reference
 from learner.iqn import IQNLearner
 from learner.rainbow import RainbowLearner
 
@@ -119,20 +120,8 @@ class C51Table(nn.Module):
 
 
 def _project(p: list[float], ret: float, disc: float) -> list[float]:
-    """Bellemare et al. 2017, Algorithm 1, one atom at a time."""
-    vmin, vmax, atoms = SUPPORT[0], SUPPORT[-1], len(SUPPORT)
-    dz = (vmax - vmin) / (atoms - 1)
-    m = [0.0] * atoms
-    for j in range(atoms):
-        tz = min(max(ret + disc * SUPPORT[j], vmin), vmax)
-        b = (tz - vmin) / dz
-        lo, up = math.floor(b), math.ceil(b)
-        if lo == up:
-            m[lo] += p[j]
-        else:
-            m[lo] += p[j] * (up - b)
-            m[up] += p[j] * (b - lo)
-    return m
+    """Bellemare et al. 2017, Algorithm 1, one atom at a time (test_distributional's reference)."""
+    return _projection_reference(np.asarray(p), ret, disc, np.asarray(SUPPORT)).tolist()
 
 
 def _rainbow_by_hand() -> tuple[list[float], list[float]]:

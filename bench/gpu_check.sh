@@ -132,7 +132,7 @@ say "$(grep -m1 '^cpu:' "$OUT/system.txt")"
 say "$(grep -m1 '^gpu:' "$OUT/system.txt")"
 
 # ---- setup: the venv from the repo, reused when scripts/venv.sh's stamp (with or without the test
-# requirements: either venv has all of requirements.txt) says it is complete
+# requirements: either venv has all of requirements.txt; the files in scripts/venv.sh's order) says it is complete
 stamp() { cat "$@" | sha256sum | cut -c1-16; }
 if [ -n "${APEX_GPU_PYTHON:-}" ]; then
   PY="$APEX_GPU_PYTHON"
@@ -142,8 +142,8 @@ if [ -n "${APEX_GPU_PYTHON:-}" ]; then
 else
   PY="$ROOT/.venv/bin/python"
   LAUNCH=(./run.sh)
-  if [ -f "$ROOT/.venv/.apex-installed-$(stamp requirements.txt pyproject.toml)" ] ||
-     [ -f "$ROOT/.venv/.apex-installed-$(stamp requirements.txt pyproject.toml requirements-dev.txt)" ]; then
+  if [ -f "$ROOT/.venv/.apex-installed-$(stamp requirements.txt pyproject.toml requirements-minatar.txt)" ] ||
+     [ -f "$ROOT/.venv/.apex-installed-$(stamp requirements.txt pyproject.toml requirements-minatar.txt requirements-dev.txt)" ]; then
     record setup 0 0 0
     say "step setup: ok (.venv exists, reused)"
   else

@@ -46,13 +46,15 @@ def game_module(game: str) -> ModuleType:
     name = f"apex_zmq._minatar_games.{game}"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.find_spec("minatar")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(INSTALL_HINT)
-    path = os.path.join(list(spec.submodule_search_locations)[0], "environments", f"{game}.py")
+    # The package's folder on sys.path, looked up by its files rather than by find_spec("minatar"), which a
+    # script named minatar.py (bench/minatar.py) would answer.
+    path = next((p for p in (os.path.join(d or ".", "minatar", "environments", f"{game}.py") for d in sys.path)
+                 if os.path.isfile(p)), None)
+    if path is None:
+        raise ModuleNotFoundError(f"no MinAtar game {game!r} found; {INSTALL_HINT}")
     file_spec = importlib.util.spec_from_file_location(name, path)
-    if file_spec is None or file_spec.loader is None or not os.path.exists(path):
-        raise ModuleNotFoundError(f"no MinAtar game {game!r} at {path}; {INSTALL_HINT}")
+    if file_spec is None or file_spec.loader is None:
+        raise ModuleNotFoundError(f"cannot load the MinAtar game at {path}; {INSTALL_HINT}")
     module = importlib.util.module_from_spec(file_spec)
     file_spec.loader.exec_module(module)
     sys.modules[name] = module

@@ -53,6 +53,19 @@ def real_chunks(env: str, count: int, envs: int = 32, acting_dtype: str = "auto"
     return chunks
 
 
+def complete_rows(path: Path) -> list[dict]:
+    """The rows of a CSV that another process appends to (a half-written last line is left out)."""
+    import csv
+    import io
+
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    return list(csv.DictReader(io.StringIO(text)))
+
+
 def stop_launcher(proc) -> None:
     """Ctrl-C a ./run.sh launcher started in its own process group (every role stops cleanly), killing
     the group if it has not exited within a minute."""

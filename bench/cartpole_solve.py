@@ -59,8 +59,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
-import io
 import json
 import os
 import statistics
@@ -73,7 +71,7 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, free_port_base, print_machine, stop_launcher  # noqa: E402
+from _common import ROOT, complete_rows, free_port_base, print_machine, stop_launcher  # noqa: E402
 
 ENV = "CartPole-v1"
 ALGOS = ("dqn", "rainbow", "iqn", "a3c", "nstep_q")  # replay (Ape-X) rules, then the asynchronous family's
@@ -142,16 +140,6 @@ class WeightsLog:
         self.stop.set()
         self.thread.join(2)
         self.sock.close()
-
-
-def complete_rows(path: Path) -> list[dict]:
-    """The rows of a CSV that another process appends to (a half-written last line is left out)."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    if not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-    return list(csv.DictReader(io.StringIO(text)))
 
 
 def run_ours(target: float, limit: float, extra: list[str], log_dir: Path, index: int) -> dict:

@@ -25,30 +25,12 @@ import torch
 
 from actor.main import ActorCore
 from apex_zmq import config as C
-from apex_zmq.envs import make_vector_env
-from apex_zmq.exploration import epsilon_greedy
-from apex_zmq.networks import q_values
+from apex_zmq.networks import state_arrays
 from apex_zmq.wire import decode_experience, decode_sample, encode
+from evaluator.protocols import PLAIN, evaluate_policy
 from learner.algos import make_rule
 from learner.dqn import batch_from_sample
 from replay_server.replay import PrioritizedReplay, annealed_beta
-
-
-def evaluate(net: torch.nn.Module, env_id: str, episodes: int, epsilon: float, seed: int) -> np.ndarray:
-    """Returns of ``episodes`` whole episodes played side by side at ``epsilon``."""
-    env = make_vector_env(env_id, episodes, seed)
-    obs, _ = env.reset(seed=seed)
-    rng = np.random.default_rng(seed)
-    ret, done_ret = np.zeros(episodes), np.full(episodes, np.nan)
-    with torch.inference_mode():
-        while np.isnan(done_ret).any():
-            q = q_values(net, torch.as_tensor(obs)).numpy()
-            obs, r, term, trunc, _ = env.step(epsilon_greedy(q, np.full(episodes, epsilon), rng))
-            ret += r
-            end = (term | trunc) & np.isnan(done_ret)
-            done_ret[end] = ret[end]
-    env.close()
-    return done_ret
 
 
 def main() -> None:
@@ -78,8 +60,7 @@ def main() -> None:
           f"lr {learner_cfg.lr}, target every {learner_cfg.target_update}, n {actor_cfg.n_step}", flush=True)
 
     def push_weights() -> None:
-        names, arrays = zip(*[(k, v.detach().numpy()) for k, v in rule.net.state_dict().items()])
-        core.set_weights(list(names), list(arrays), rule.steps)
+        core.set_weights(*state_arrays(rule.net), rule.steps)
 
     push_weights()
     start = last_eval = time.monotonic()
@@ -103,7 +84,7 @@ def main() -> None:
             push_weights()
         if time.monotonic() - last_eval >= args.eval_every:
             last_eval = time.monotonic()
-            rets = evaluate(rule.net, args.env, args.eval_episodes, args.eval_epsilon, seed=rule.steps)
+            rets = evaluate_policy(rule.net, args.env, args.eval_episodes, args.eval_epsilon, rule.steps, PLAIN).returns
             print(f"t {last_eval - start:6.0f} s  frames {core.agent_steps:8d}  learner {rule.steps:7d}  "
                   f"eval {rets.mean():6.2f} +- {rets.std() / np.sqrt(len(rets)):.2f}  "
                   f"loss {np.mean(losses[-200:]):.4f}", flush=True)

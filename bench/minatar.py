@@ -55,7 +55,6 @@ Rainbow": evaluation at epsilon 0.01 after 9-10M frames) DQN and Rainbow.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -69,7 +68,7 @@ from typing import Any, Optional
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from _common import ROOT, free_port_base, machine_line, print_machine, stop_launcher  # noqa: E402
+from _common import ROOT, complete_rows, free_port_base, machine_line, print_machine, stop_launcher  # noqa: E402
 
 # This file has the name of the ``minatar`` package: with bench/ on sys.path (where Python puts a script's
 # folder), the env family's look-up of that package (``importlib.util.find_spec("minatar")``) finds this
@@ -140,16 +139,6 @@ def seconds_to(curve: list[dict], target: float) -> Optional[float]:
 def fmt_s(s: Optional[float], budget: float) -> str:
     """Seconds for the table: ``>budget`` when never reached."""
     return f">{budget:.0f}" if s is None else f"{s:.0f}"
-
-
-def read_csv(path: Path) -> list[dict]:
-    """Rows of a CSV (a half-written last line, from a process killed mid-write, left out)."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    if not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-    return list(csv.DictReader(text.splitlines()))
 
 
 def published_for(game: str, algo: str) -> str:
@@ -340,13 +329,13 @@ def run_ours(env_id: str, algo: str, budget: float, episodes: int, extra: list[s
     cfg_path = run_dir / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
     curve = []
-    for r in read_csv(run_dir / "eval.csv"):
+    for r in complete_rows(run_dir / "eval.csv"):
         t = float(r["time"]) - t0
         if t <= budget:
             n, std = int(r["episodes"]), float(r["std"])
             curve.append({"t": t, "learner_steps": int(r["learner_steps"]), "mean": float(r["mean"]),
                           "std": std, "se": std_error(std, n), "episodes": n})
-    metrics = read_csv(run_dir / "metrics.csv")
+    metrics = complete_rows(run_dir / "metrics.csv")
     frames, how = frames_from_metrics(metrics, t0 + budget, int(cfg.get("num_actors", 1) or 1))
     steps = [float(r["value"]) for r in metrics if r["tag"] == "learner/steps" and float(r["time"]) <= t0 + budget]
     res = {"curve": curve, "frames": frames, "frames_from": how,

@@ -130,7 +130,7 @@ class Supervisor:
         return log_tail(role.log)
 
     def poll(self) -> str | None:
-        """Check every role once; returns 'finished', 'failed' or None (still running)."""
+        """Check every role once; returns 'finished', 'failed', 'port in use' or None (running)."""
         now = self.clock()
         for role in self.roles:
             if role.proc is None:
@@ -144,6 +144,13 @@ class Supervisor:
                 continue
             if role.name == "evaluator" and code == 0:
                 return "finished"
+            if code == C.PORT_IN_USE_EXIT:
+                # Another process holds one of its ports (a run started beside this one after the
+                # launcher's own check): a restart would find it held the same way.
+                print(f"run.sh: {role.name} could not bind a port: another process holds it (exit code "
+                      f"{code}); not restarting it. Stop the other run or choose other ports with "
+                      f"--port-base N. The end of {role.log}:\n{self._last_words(role)}", flush=True)
+                return "port in use"
             if code == C.CONFIG_ERROR_EXIT:
                 # The role says its settings cannot work (another network's checkpoint, say): every
                 # restart would fail the same way, so end the run now and show why.
@@ -186,7 +193,7 @@ def supervise(sup: Supervisor, stop: threading.Event, max_seconds: float = 0.0,
               period: float = 0.5) -> str:
     """Poll ``sup`` every ``period`` s until a role ends the run, ``stop`` is set or ``max_seconds``
     (0: no limit) pass on its clock; stops every role and returns the outcome: 'finished', 'failed',
-    'time limit' or 'interrupted'."""
+    'port in use', 'time limit' or 'interrupted'."""
     started = sup.clock()
     outcome = "interrupted"
     try:
@@ -204,8 +211,9 @@ def supervise(sup: Supervisor, stop: threading.Event, max_seconds: float = 0.0,
 
 
 def exit_code(outcome: str) -> int:
-    """``./run.sh``'s exit status for an outcome of ``supervise``: non-zero only when the run failed."""
-    return 1 if outcome == "failed" else 0
+    """``./run.sh``'s exit status for an outcome of ``supervise``: non-zero only when the run failed,
+    ``PORT_IN_USE_EXIT`` when it failed because another process holds one of its ports."""
+    return {"failed": 1, "port in use": C.PORT_IN_USE_EXIT}.get(outcome, 0)
 
 
 @dataclass(frozen=True)

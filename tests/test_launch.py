@@ -3,6 +3,7 @@ run, configuration errors ending it at once, and the launcher's exit status."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -224,3 +225,43 @@ def test_atari_run_without_gpu_is_told_at_once_before_any_role_starts(tmp_path: 
     started = next(i for i, line in enumerate(lines) if line.startswith("run.sh: ALE/Pong-v5, --algo dqn"))
     assert first < started, out.stdout[-3000:]
     assert "steps/s of 8 on" in out.stdout and "./run.sh --env MinAtar/Breakout-v0" in out.stdout, out.stdout
+
+
+# --------------------------------------------------------------------------- ports another run holds
+
+PORT_IN_USE = [sys.executable, "-u", "-c", "import sys\n"
+               "print('cannot bind tcp://127.0.0.1:5551: the address is in use (another run?)', file=sys.stderr)\n"
+               f"sys.exit({C.PORT_IN_USE_EXIT})"]
+
+
+def test_port_in_use_ends_the_run_at_once_without_restarting(make_sup, capsys) -> None:
+    """A role that exits with PORT_IN_USE_EXIT (it lost a race for its port) is not restarted until
+    --max-seconds: the run ends, non-zero, naming the way out."""
+    assert C.PORT_IN_USE_EXIT == 69 and C.PORT_IN_USE_EXIT != C.CONFIG_ERROR_EXIT  # sysexits EX_UNAVAILABLE
+    sup = make_sup({"replay_server": PORT_IN_USE, "learner": SLEEP}, max_restarts=5, clock=FakeClock())
+    replay = _role(sup, "replay_server")
+    assert _start_and_crash(sup, replay) == "port in use"
+    assert replay.total_restarts == 0
+    out = capsys.readouterr().out
+    assert "replay_server could not bind a port" in out and "--port-base N" in out
+    assert "the address is in use (another run?)" in out  # the role's last words
+    assert exit_code("port in use") == C.PORT_IN_USE_EXIT
+    outcome = supervise(make_sup({"replay_server": PORT_IN_USE, "evaluator": SLEEP}), threading.Event(),
+                        max_seconds=60, period=0.05)
+    assert outcome == "port in use"
+
+
+def test_role_whose_port_is_taken_exits_with_port_in_use(tmp_path: Path) -> None:
+    """The race the launcher's check cannot close (a port taken after it): the role says which
+    address and exits PORT_IN_USE_EXIT, which the supervisor does not restart."""
+    base = free_port_base()
+    eps = C.loopback_endpoints(base)
+    port = int(eps["priorities"].rsplit(":", 1)[1])
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port))
+        held.listen(1)
+        flags = [a for name, ep in eps.items() for a in (f"--{name}", ep)]
+        out = subprocess.run([sys.executable, "-m", "replay_server", "--env", "CartPole-v1", "--run-dir",
+                              str(tmp_path / "run"), *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == C.PORT_IN_USE_EXIT, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"cannot bind {eps['priorities']}: the address is in use (another run?)" in out.stderr

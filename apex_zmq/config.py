@@ -669,3 +669,7 @@ def role_config(cls: type, values: dict[str, Any]) -> Any:
 # Exit code of a role that cannot run with what it was given (sysexits EX_CONFIG), such as a checkpoint
 # written for another network: a restart would fail the same way, so ./run.sh ends the run instead.
 CONFIG_ERROR_EXIT = 78
+# Exit code of a role (and of ./run.sh) that cannot bind an address because another process holds it
+# (sysexits EX_UNAVAILABLE): not a setting that is wrong, so not 78, but a restart would fail the same
+# way while the other process (another run, usually) lives, so ./run.sh ends the run instead.
+PORT_IN_USE_EXIT = 69

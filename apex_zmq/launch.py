@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable
+from urllib.parse import urlsplit
 
 from . import config as C
 from .cpu_advice import cpu_learner_steps_per_s, no_gpu_message
@@ -130,7 +133,7 @@ class Supervisor:
         return log_tail(role.log)
 
     def poll(self) -> str | None:
-        """Check every role once; returns 'finished', 'failed' or None (still running)."""
+        """Check every role once; returns 'finished', 'failed', 'port in use' or None (running)."""
         now = self.clock()
         for role in self.roles:
             if role.proc is None:
@@ -144,6 +147,13 @@ class Supervisor:
                 continue
             if role.name == "evaluator" and code == 0:
                 return "finished"
+            if code == C.PORT_IN_USE_EXIT:
+                # Another process holds one of its ports (a run started beside this one after the
+                # launcher's own check): a restart would find it held the same way.
+                print(f"run.sh: {role.name} could not bind a port: another process holds it (exit code "
+                      f"{code}); not restarting it. Stop the other run or choose other ports with "
+                      f"--port-base N. The end of {role.log}:\n{self._last_words(role)}", flush=True)
+                return "port in use"
             if code == C.CONFIG_ERROR_EXIT:
                 # The role says its settings cannot work (another network's checkpoint, say): every
                 # restart would fail the same way, so end the run now and show why.
@@ -186,7 +196,7 @@ def supervise(sup: Supervisor, stop: threading.Event, max_seconds: float = 0.0,
               period: float = 0.5) -> str:
     """Poll ``sup`` every ``period`` s until a role ends the run, ``stop`` is set or ``max_seconds``
     (0: no limit) pass on its clock; stops every role and returns the outcome: 'finished', 'failed',
-    'time limit' or 'interrupted'."""
+    'port in use', 'time limit' or 'interrupted'."""
     started = sup.clock()
     outcome = "interrupted"
     try:
@@ -204,8 +214,95 @@ def supervise(sup: Supervisor, stop: threading.Event, max_seconds: float = 0.0,
 
 
 def exit_code(outcome: str) -> int:
-    """``./run.sh``'s exit status for an outcome of ``supervise``: non-zero only when the run failed."""
-    return 1 if outcome == "failed" else 0
+    """``./run.sh``'s exit status for an outcome of ``supervise``: non-zero only when the run failed,
+    ``PORT_IN_USE_EXIT`` when it failed because another process holds one of its ports."""
+    return {"failed": 1, "port in use": C.PORT_IN_USE_EXIT}.get(outcome, 0)
+
+
+def bound_endpoints(cfg: C.LaunchConfig) -> dict[str, str]:
+    """The endpoints the roles of a one-machine run bind, by flag name: the replay server's three
+    (replay algorithms) or the learner's gradients (asynchronous ones), the learner's weights and the
+    evaluator's telemetry. (The dashboard is not among them: a taken dashboard port falls back to a
+    free one.)"""
+    names = ["gradients"] if C.is_async(cfg) else ["experience", "samples", "priorities"]
+    return {name: getattr(cfg, name) for name in [*names, "weights", "telemetry"]}
+
+
+def _tcp_address(endpoint: str) -> tuple[int, tuple] | None:
+    """(family, sockaddr) a ZeroMQ tcp endpoint binds; None for what cannot be probed here: another
+    transport, a wildcard or 0 port (ZeroMQ picks a free one), a name that does not resolve (an
+    interface name, say: the role itself reports what is wrong with it)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError:  # a port of "*" or "!": ZeroMQ's ephemeral ports
+        return None
+    if not port:
+        return None
+    host = parts.hostname or ""
+    host = "0.0.0.0" if host in ("*", "") else host
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        return None
+    # ZeroMQ binds IPv4 unless ZMQ_IPV6 is set (no role sets it), so prefer the IPv4 address.
+    family, _, _, _, addr = min(found, key=lambda info: info[0] != socket.AF_INET)
+    return family, addr
+
+
+def ports_in_use(endpoints: dict[str, str]) -> list[tuple[int, str, str]]:
+    """(port, flag name, endpoint) of each endpoint that cannot be bound because another process (or
+    an earlier endpoint of the same list) holds its address."""
+    taken: list[tuple[int, str, str]] = []
+    probes: list[socket.socket] = []
+    try:
+        for name, ep in endpoints.items():
+            address = _tcp_address(ep)
+            if address is None:
+                continue
+            family, addr = address
+            s = socket.socket(family, socket.SOCK_STREAM)
+            probes.append(s)
+            # As libzmq binds: SO_REUSEADDR, so a port left in TIME_WAIT by an earlier run is free;
+            # listening, so a second endpoint on the same address collides with this probe.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+                s.listen(1)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    taken.append((addr[1], name, ep))
+                # Anything else (an address not on this machine, say) is the role's to report.
+    finally:
+        for s in probes:
+            s.close()
+    return taken
+
+
+def _port_span() -> int:
+    """``--port-base N`` puts the endpoints on loopback ports N to N + this."""
+    return max(C.DEFAULT_PORTS.values()) - min(C.DEFAULT_PORTS.values())
+
+
+def free_port_base(start: int) -> int | None:
+    """The first ``--port-base`` from ``start`` upwards, in steps of 10, whose loopback ports are all
+    free now (None if none is)."""
+    for base in range(start, 65536 - _port_span(), 10):
+        if not ports_in_use(C.loopback_endpoints(base)):
+            return base
+    return None
+
+
+def ports_in_use_message(taken: list[tuple[int, str, str]], suggest: int | None = None) -> str:
+    """What ``./run.sh`` says when ports it needs are held (exit ``PORT_IN_USE_EXIT``); ``suggest``: a
+    ``--port-base`` that is free."""
+    many = len(taken) > 1
+    what = ", ".join(f"{port} ({name}, {ep})" for port, name, ep in taken)
+    return (f"run.sh: port{'s' if many else ''} {what} {'are' if many else 'is'} in use (another run?); "
+            f"stop it or choose other ports with --port-base N (loopback ports N to N+{_port_span()}"
+            + (f"; --port-base {suggest} is free now)" if suggest else ")"))
 
 
 @dataclass(frozen=True)
@@ -301,6 +398,13 @@ def main(argv: list[str] | None = None) -> int:
         except C.ConfigError as e:
             print(f"./run.sh: {e}", file=sys.stderr, flush=True)
             raise
+    # Before anything starts or the run directory is touched: beside a running run, every role
+    # would fail to bind (and the other run's directory may be this one's).
+    taken = ports_in_use(bound_endpoints(cfg))
+    if taken:
+        base = cfg.port_base or min(C.DEFAULT_PORTS.values())
+        print(ports_in_use_message(taken, free_port_base(base + 10)), file=sys.stderr, flush=True)
+        return C.PORT_IN_USE_EXIT
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "finished.json").unlink(missing_ok=True)

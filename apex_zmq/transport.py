@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
+from .config import PORT_IN_USE_EXIT
 from .keys import KeyStore
 
 MAX_MESSAGE_BYTES = 256 << 20  # largest frame any socket accepts (a 512 Atari batch is ~15 MB)
@@ -149,6 +150,12 @@ class Sockets:
         try:
             s.bind(endpoint)
         except zmq.ZMQError as e:
+            if e.errno == zmq.EADDRINUSE:
+                # Another process holds the address (another run?): exit with the code that tells a
+                # supervisor that restarting would fail the same way.
+                print(f"cannot bind {endpoint}: the address is in use (another run?); stop it or choose "
+                      "other ports (./run.sh: --port-base N)", file=sys.stderr, flush=True)
+                raise SystemExit(PORT_IN_USE_EXIT) from None
             raise SystemExit(f"cannot bind {endpoint}: {e}") from None
         return s
 

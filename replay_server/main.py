@@ -67,7 +67,8 @@ class ReplayService:
         return True
 
     def on_priorities(self, frames: list) -> bool:
-        """Apply a priority update; malformed ones are dropped and counted, stale ids ignored."""
+        """Apply a priority update; malformed ones are dropped and counted, stale and removed ids
+        ignored (and counted by the replay)."""
         try:
             upd = decode_priorities(frames)
         except WireError:
@@ -164,6 +165,7 @@ async def main_async(cfg: C.ReplayConfig) -> None:
                          "replay/stale_updates": svc.replay.stale_updates,
                          "replay/stale_incarnation": svc.counts["stale_incarnation"],
                          "replay/removed": svc.replay.removed,
+                         "replay/removed_updates": svc.replay.removed_updates,
                          "replay/samples_per_insert": svc.limiter.ratio,
                          "replay/samples_per_insert_target": cfg.samples_per_insert})))
 

@@ -32,6 +32,8 @@ class PrioritizedReplay:
 
     Item ``id`` lives in slot ``id % capacity``; ids only grow, so inserting evicts the oldest item
     (FIFO) and an update for an id whose slot now holds a newer item is recognised and ignored.
+    A removed item stays removed: its slot is flagged until a new item overwrites it, and priority
+    updates naming it meanwhile are ignored (and counted) rather than bringing it back.
     Observations are kept as the actor's lz4 blobs, once per chunk: a transition refers to its
     observation and bootstrap observation by index into its chunk's frame table. A chunk's bytes
     are freed when its last transition is evicted.
@@ -55,6 +57,9 @@ class PrioritizedReplay:
         self.action = np.zeros(capacity, dtype=np.int32)
         self.ret = np.zeros(capacity, dtype=np.float32)
         self.disc = np.zeros(capacity, dtype=np.float32)
+        # True while the slot's item is removed; cleared when a new item takes the slot. A flag per
+        # slot, not a set of removed ids: memory stays one byte per slot however much is removed.
+        self.gone = np.zeros(capacity, dtype=bool)
         # chunk id -> its lz4 blobs end to end, as a memoryview: slicing one for a batch then costs
         # no allocation or copy (half the time of slicing bytes), b"".join copies once.
         self._chunks: dict[int, memoryview] = {}
@@ -63,8 +68,9 @@ class PrioritizedReplay:
         self.next_id = 0
         self.obs_shape: tuple[int, ...] | None = None
         self.obs_dtype: str | None = None
-        self.stale_updates = 0
-        self.removed = 0
+        self.stale_updates = 0    # updates and removals naming ids no longer stored (evicted)
+        self.removed = 0          # items taken out of sampling
+        self.removed_updates = 0  # priority updates naming a removed item: ignored
         self.stored_bytes = 0
 
     @property
@@ -108,6 +114,7 @@ class PrioritizedReplay:
         self.action[slots] = chunk.action[keep]
         self.ret[slots] = chunk.ret[keep]
         self.disc[slots] = chunk.disc[keep]
+        self.gone[slots] = False
         self.tree.set(slots, self._priority(chunk.priority[keep]))
         return ids
 
@@ -169,24 +176,32 @@ class PrioritizedReplay:
             ids=self.ids[slots], weight=weights)
 
     def update(self, ids: np.ndarray, priorities: np.ndarray) -> int:
-        """Set new priorities by id; ids no longer stored are ignored. Returns how many applied."""
+        """Set new priorities by id. Ids no longer stored are ignored (``stale_updates``), and so are
+        removed items (``removed_updates``): a removal is for good. Returns how many applied."""
         ids = np.asarray(ids, dtype=np.int64)
         slots = ids % self.capacity
-        live = (ids >= 0) & (self.ids[slots] == ids)
-        self.stale_updates += int((~live).sum())
+        stored = (ids >= 0) & (self.ids[slots] == ids)
+        removed = stored & self.gone[slots]
+        live = stored & ~removed
+        self.stale_updates += int((~stored).sum())
+        self.removed_updates += int(removed.sum())
         self.tree.set(slots[live], self._priority(np.asarray(priorities)[live]))
         return int(live.sum())
 
     def remove(self, ids: np.ndarray) -> int:
-        """Never sample these items again (priority 0; their slots are reused as usual). Ids no
-        longer stored are ignored. Returns how many were removed."""
+        """Never sample these items again: priority 0 and no later update applies, until a new item
+        reuses the slot. Ids no longer stored are ignored and counted in ``stale_updates``; an item
+        removed already is not counted again. Returns how many were removed."""
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         slots = ids % self.capacity
-        # Live and not removed yet: batches sampled before the first removal report the item again.
-        live = (ids >= 0) & (self.ids[slots] == ids) & (self.tree.get(slots) > 0)
-        self.tree.set(slots[live], np.zeros(int(live.sum())))
-        self.removed += int(live.sum())
-        return int(live.sum())
+        stored = (ids >= 0) & (self.ids[slots] == ids)
+        # Not removed yet: batches sampled before the first removal report the item again.
+        fresh = stored & ~self.gone[slots]
+        self.stale_updates += int((~stored).sum())
+        self.gone[slots[fresh]] = True
+        self.tree.set(slots[fresh], np.zeros(int(fresh.sum())))
+        self.removed += int(fresh.sum())
+        return int(fresh.sum())
 
     def priorities(self, ids: np.ndarray) -> np.ndarray:
         """Current sampling priority p^alpha of live ids (for tests and inspection)."""
@@ -194,7 +209,7 @@ class PrioritizedReplay:
 
     # ----------------------------------------------------------------------- snapshots
 
-    _SLOT_ARRAYS = ("ids", "chunk", "obs_lo", "obs_hi", "next_lo", "next_hi", "action", "ret", "disc")
+    _SLOT_ARRAYS = ("ids", "chunk", "obs_lo", "obs_hi", "next_lo", "next_hi", "action", "ret", "disc", "gone")
 
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy of the replay's state, cheap enough to take between two messages.
@@ -243,6 +258,11 @@ class PrioritizedReplay:
             r.obs_shape = None if shape == "None" else tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
             r.obs_dtype = None if dtype == "None" else dtype
             for k in cls._SLOT_ARRAYS:
+                if k == "gone" and "slot_gone" not in z.files:
+                    # A snapshot from before the flag: its removed items are the stored ones at
+                    # priority 0 (a stored item's priority is at least priority_eps ** alpha > 0).
+                    r.gone[:] = (z["slot_ids"] >= 0) & (z["leaves"] == 0)
+                    continue
                 getattr(r, k)[:] = z[f"slot_{k}"]
             r.tree.set(np.arange(capacity), z["leaves"])
             for i, (cid, live) in enumerate(zip(z["chunk_ids"].tolist(), z["chunk_live"].tolist())):

@@ -1,11 +1,17 @@
 """./run.sh's supervisor keeps its promises: restart backoff, giving up, the evaluator's exit ending the
-run, configuration errors ending it at once, and the launcher's exit status."""
+run, configuration errors ending it at once, and the launcher's exit status; a run on ports another
+run (or any process) holds is refused before anything starts, and a role that loses a race for its
+port ends the run instead of being restarted."""
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +230,137 @@ def test_atari_run_without_gpu_is_told_at_once_before_any_role_starts(tmp_path: 
     started = next(i for i, line in enumerate(lines) if line.startswith("run.sh: ALE/Pong-v5, --algo dqn"))
     assert first < started, out.stdout[-3000:]
     assert "steps/s of 8 on" in out.stdout and "./run.sh --env MinAtar/Breakout-v0" in out.stdout, out.stdout
+
+
+# --------------------------------------------------------------------------- ports another run holds
+
+PORT_IN_USE = [sys.executable, "-u", "-c", "import sys\n"
+               "print('cannot bind tcp://127.0.0.1:5551: the address is in use (another run?)', file=sys.stderr)\n"
+               f"sys.exit({C.PORT_IN_USE_EXIT})"]
+
+
+def _launch_argv(run_dir: Path, base: int, max_seconds: float) -> list[str]:
+    return [sys.executable, "-m", "apex_zmq.launch", "--env", "CartPole-v1", "--run-dir", str(run_dir),
+            "--port-base", str(base), "--max-seconds", str(max_seconds), "--num-actors", "1",
+            "--dashboard-port", "0", "--hidden", "32"]
+
+
+def _bound_ports(base: int) -> dict[str, int]:
+    eps = launch.bound_endpoints(C.LaunchConfig(env="CartPole-v1", **C.loopback_endpoints(base)))
+    return {name: int(ep.rsplit(":", 1)[1]) for name, ep in eps.items()}
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_port_in_use_ends_the_run_at_once_without_restarting(make_sup, capsys) -> None:
+    """A role that exits with PORT_IN_USE_EXIT (it lost a race for its port) is not restarted until
+    --max-seconds: the run ends, non-zero, naming the way out."""
+    assert C.PORT_IN_USE_EXIT == 69 and C.PORT_IN_USE_EXIT != C.CONFIG_ERROR_EXIT  # sysexits EX_UNAVAILABLE
+    sup = make_sup({"replay_server": PORT_IN_USE, "learner": SLEEP}, max_restarts=5, clock=FakeClock())
+    replay = _role(sup, "replay_server")
+    assert _start_and_crash(sup, replay) == "port in use"
+    assert replay.total_restarts == 0
+    out = capsys.readouterr().out
+    assert "replay_server could not bind a port" in out and "--port-base N" in out
+    assert "the address is in use (another run?)" in out  # the role's last words
+    assert exit_code("port in use") == C.PORT_IN_USE_EXIT
+    outcome = supervise(make_sup({"replay_server": PORT_IN_USE, "evaluator": SLEEP}), threading.Event(),
+                        max_seconds=60, period=0.05)
+    assert outcome == "port in use"
+
+
+def test_bound_endpoints_are_those_the_roles_bind() -> None:
+    replay = C.LaunchConfig(env="CartPole-v1")
+    assert list(launch.bound_endpoints(replay)) == ["experience", "samples", "priorities", "weights", "telemetry"]
+    assert list(launch.bound_endpoints(C.LaunchConfig(env="CartPole-v1", algo="a3c"))) == [
+        "gradients", "weights", "telemetry"]
+
+
+def test_ports_in_use_finds_a_listening_socket_and_skips_what_it_cannot_probe() -> None:
+    base = free_port_base()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", base + 2))
+        held.listen(1)
+        eps = {"a": f"tcp://127.0.0.1:{base}", "b": f"tcp://127.0.0.1:{base + 2}", "c": f"tcp://*:{base + 2}",
+               "d": "tcp://127.0.0.1:*", "e": "ipc:///tmp/x", "f": "tcp://no-such-interface0:5"}
+        assert launch.ports_in_use(eps) == [(base + 2, "b", eps["b"]), (base + 2, "c", eps["c"])]
+    # The probes let go: the same ports are free again, and two endpoints on one address collide.
+    assert launch.ports_in_use({"a": f"tcp://127.0.0.1:{base}"}) == []
+    assert launch.ports_in_use({"a": f"tcp://127.0.0.1:{base}", "b": f"tcp://localhost:{base}"}) == [
+        (base, "b", f"tcp://localhost:{base}")]
+
+
+def test_run_on_a_port_in_use_says_so_at_once_and_exits_non_zero(tmp_path: Path) -> None:
+    base = free_port_base()
+    port = _bound_ports(base)["telemetry"]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port))
+        held.listen(1)
+        started = time.monotonic()
+        out = subprocess.run(_launch_argv(tmp_path / "run", base, 60), cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    assert out.returncode == C.PORT_IN_USE_EXIT, out.stdout[-3000:] + out.stderr[-3000:]
+    assert time.monotonic() - started < 30  # no role started, nothing restarted
+    assert (f"run.sh: port {port} (telemetry, tcp://127.0.0.1:{port}) is in use (another run?); stop it or "
+            f"choose other ports with --port-base N") in out.stderr
+    assert "run.sh: CartPole-v1" not in out.stdout  # said before anything started
+    assert not (tmp_path / "run").exists()  # nor was the run directory touched
+
+
+def test_second_run_on_the_same_ports_fails_fast_and_the_first_is_unaffected(tmp_path: Path) -> None:
+    base = free_port_base()
+    first = subprocess.Popen(_launch_argv(tmp_path / "first", base, 120), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    try:
+        ports = _bound_ports(base)
+        deadline = time.monotonic() + 90  # every role of the first run has bound its port
+        # Waited for by connecting, not by binding: a probe that binds could take a port from a role.
+        while not all(_listening(p) for p in ports.values()):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not bind its ports"
+            time.sleep(0.5)
+        pids = {n: r["pid"] for n, r in json.loads((tmp_path / "first" / "roles.json").read_text()).items()}
+        started = time.monotonic()
+        second = subprocess.run(_launch_argv(tmp_path / "second", base, 60), cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == C.PORT_IN_USE_EXIT, second.stdout[-3000:] + second.stderr[-3000:]
+        assert time.monotonic() - started < 30
+        assert second.stderr.startswith("run.sh: ports "), second.stderr
+        for name, p in ports.items():
+            assert f"{p} ({name}, tcp://127.0.0.1:{p})" in second.stderr
+        assert "are in use (another run?); stop it or choose other ports with --port-base N" in second.stderr
+        suggested = int(second.stderr.split("--port-base ")[-1].split()[0])
+        assert suggested >= base + 10 and launch.ports_in_use(C.loopback_endpoints(suggested)) == []
+        # The first run goes on with the same processes, none restarted.
+        time.sleep(2)
+        assert first.poll() is None
+        roles = json.loads((tmp_path / "first" / "roles.json").read_text())
+        assert {n: r["pid"] for n, r in roles.items()} == pids
+        assert all(r["restarts"] == 0 for r in roles.values()), roles
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGINT)
+        text = first.communicate(timeout=60)[0]
+    assert first.returncode == 0, text[-3000:]
+    assert "exited with code" not in text, text[-3000:]
+
+
+def test_role_whose_port_is_taken_exits_with_port_in_use(tmp_path: Path) -> None:
+    """The race the launcher's check cannot close (a port taken after it): the role says which
+    address and exits PORT_IN_USE_EXIT, which the supervisor does not restart."""
+    base = free_port_base()
+    eps = C.loopback_endpoints(base)
+    port = int(eps["priorities"].rsplit(":", 1)[1])
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port))
+        held.listen(1)
+        flags = [a for name, ep in eps.items() for a in (f"--{name}", ep)]
+        out = subprocess.run([sys.executable, "-m", "replay_server", "--env", "CartPole-v1", "--run-dir",
+                              str(tmp_path / "run"), *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == C.PORT_IN_USE_EXIT, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"cannot bind {eps['priorities']}: the address is in use (another run?)" in out.stderr

@@ -542,6 +542,65 @@ def test_removing_an_item_twice_counts_it_once():
     assert r.priorities(ids[[1, 3]]).tolist() == [0.0, 0.0]
 
 
+def test_update_naming_a_removed_item_does_not_bring_it_back():
+    """PROTOCOL.md: ``remove`` names ids never to sample again. A later priority update for the id
+    (a batch sampled before the removal, or a client that keeps reporting it) is ignored and
+    counted, however large its priority."""
+    r = PrioritizedReplay(capacity=16, alpha=ALPHA, seed=3)
+    ids = r.add(simple_chunk(np.ones(8)))
+    gone = int(ids[2])
+    assert r.remove(np.array([gone])) == 1
+    assert r.update(ids, np.full(len(ids), 1e6)) == len(ids) - 1  # the others take it
+    assert r.update(np.array([gone, gone]), np.array([1e9, 1e9])) == 0
+    assert (r.removed, r.removed_updates, r.stale_updates) == (1, 3, 0)
+    assert r.priorities([gone])[0] == 0.0
+    for _ in range(10):
+        assert gone not in r.sample(8, 0.4).ids
+    # Removing it again changes no counter: the learner may report it from several batches.
+    assert r.remove(np.array([gone])) == 0
+    assert (r.removed, r.removed_updates, r.stale_updates) == (1, 3, 0)
+
+
+def test_removal_of_an_evicted_id_counts_as_stale():
+    r = PrioritizedReplay(capacity=4, alpha=ALPHA)
+    r.add(simple_chunk(np.ones(4), tag=0))       # ids 0..3
+    r.add(simple_chunk([2.0, 3.0], tag=1))       # ids 4, 5 replace 0, 1
+    assert r.remove(np.array([0, 1, 1, -2, 9])) == 0  # evicted, negative, never stored; 1 twice: once
+    assert (r.stale_updates, r.removed, r.removed_updates) == (4, 0, 0)
+    np.testing.assert_allclose(r.priorities([4, 5]), p_alpha([2.0, 3.0]))
+
+
+def test_a_new_item_in_a_removed_slot_takes_updates_again():
+    """The removed flag belongs to the slot's item, not to the slot: the id that overwrites it is
+    live, and the removed id is stale from then on."""
+    r = PrioritizedReplay(capacity=4, alpha=1.0)
+    r.add(simple_chunk(np.ones(4)))              # ids 0..3
+    r.remove(np.array([1]))
+    r.add(simple_chunk(np.ones(2), tag=1))       # ids 4, 5 take slots 0, 1
+    assert r.update(np.array([5]), np.array([6.0])) == 1
+    np.testing.assert_allclose(r.priorities([5]), p_alpha([6.0], alpha=1.0))
+    assert r.update(np.array([1]), np.array([6.0])) == 0
+    assert (r.stale_updates, r.removed_updates) == (1, 0)
+
+
+def test_removed_items_stay_removed_across_a_snapshot(tmp_path) -> None:
+    r = PrioritizedReplay(16, alpha=0.6, seed=1)
+    ids = r.add(simple_chunk(np.ones(8)))
+    r.remove(ids[[0, 5]])
+    path = tmp_path / "s.npz"
+    PrioritizedReplay.write_snapshot(r.snapshot(), path)
+    back = PrioritizedReplay.load_snapshot(path, 16, 0.6)
+    assert back.update(ids, np.full(8, 5.0)) == 6
+    assert back.removed_updates == 2 and back.priorities(ids[[0, 5]]).tolist() == [0.0, 0.0]
+    # A snapshot written before the flag existed: removed items are known by their priority 0.
+    with np.load(path) as z:
+        old = {k: z[k] for k in z.files if k != "slot_gone"}
+    np.savez(path, **old)
+    back = PrioritizedReplay.load_snapshot(path, 16, 0.6)
+    assert back.gone[ids % 16].tolist() == [True, False, False, False, False, True, False, False]
+    assert back.update(ids[[0]], np.array([5.0])) == 0
+
+
 # --------------------------------------------------------------------------- ReplayService incarnations
 
 

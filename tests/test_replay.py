@@ -505,6 +505,55 @@ def test_abandoned_snapshot_stops_following_the_replay() -> None:
     r.begin_snapshot().copy(32)  # a new one can start
 
 
+def test_service_snapshot_serves_between_slices_and_restores_its_begin_instant(tmp_path) -> None:
+    """The replay server's snapshot task yields to the loop: batches are sampled, chunks inserted and
+    priorities updated while it copies, and the file is the replay of the instant it began."""
+    import asyncio
+    from dataclasses import replace
+
+    svc = _service(capacity=256, batch_size=16, min_size=8)
+    svc.cfg = replace(svc.cfg, run_dir=str(tmp_path), snapshot_period=1.0)
+    svc.snapshot_path = tmp_path / "replay" / "snapshot.npz"
+    for tag in range(40):  # 320 items: wrapped
+        svc.on_experience(encode(simple_chunk(np.random.default_rng(tag).random(8) + 0.1, tag=tag)))
+    want: dict = {}
+    begin = svc.replay.begin_snapshot
+
+    def spy():  # the state at the instant the snapshot begins
+        want.update(_replay_state(svc.replay))
+        return begin()
+    svc.replay.begin_snapshot = spy
+    during = {"sampled": 0, "inserted": 0, "updated": 0}
+
+    async def traffic(stop: asyncio.Event) -> None:
+        tag, rng = 1000, np.random.default_rng(0)
+        while not stop.is_set():
+            copying = svc.replay._snapshot is not None
+            s = decode_sample(svc.sample_frames())
+            assert svc.on_priorities(_update(s.ids, rng.random(len(s.ids)) + 0.1, s.incarnation))
+            assert svc.on_experience(encode(simple_chunk(rng.random(5) + 0.1, tag=tag)))
+            tag += 1
+            if copying:
+                during["sampled"] += 1
+                during["inserted"] += 5
+            await asyncio.sleep(0)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        t = asyncio.create_task(traffic(stop))
+        await asyncio.sleep(0)
+        await svc.snapshot(slice_slots=8)  # 32 slices
+        stop.set()
+        await t
+
+    asyncio.run(run())
+    assert during["sampled"] > 0 and during["inserted"] > 0
+    assert svc.replay._snapshot is None
+    back = _service(capacity=256, batch_size=16, min_size=8)
+    restored = type(back)(replace(back.cfg, run_dir=str(tmp_path), snapshot_period=1.0))  # as a restart does
+    _assert_restores(restored.replay, want)
+
+
 # --------------------------------------------------------------------------- removal of bad items
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ class PrioritizedReplay:
         self.removed = 0          # items taken out of sampling
         self.removed_updates = 0  # priority updates naming a removed item: ignored
         self.stored_bytes = 0
+        self._snapshot: ReplaySnapshot | None = None  # the snapshot being copied, if any
 
     @property
     def size(self) -> int:
@@ -98,6 +100,8 @@ class PrioritizedReplay:
         ids = np.arange(self.next_id + keep.start, self.next_id + n, dtype=np.int64)
         self.next_id += n
         slots = ids % self.capacity
+        if self._snapshot is not None:  # before anything changes: the snapshot keeps these slots' old values
+            self._snapshot.preserve(slots)
         self._release(self.chunk[slots][self.ids[slots] >= 0])
         cid = self._next_chunk
         self._next_chunk += 1
@@ -185,6 +189,8 @@ class PrioritizedReplay:
         live = stored & ~removed
         self.stale_updates += int((~stored).sum())
         self.removed_updates += int(removed.sum())
+        if self._snapshot is not None:
+            self._snapshot.preserve(slots[live])
         self.tree.set(slots[live], self._priority(np.asarray(priorities)[live]))
         return int(live.sum())
 
@@ -198,6 +204,8 @@ class PrioritizedReplay:
         # Not removed yet: batches sampled before the first removal report the item again.
         fresh = stored & ~self.gone[slots]
         self.stale_updates += int((~stored).sum())
+        if self._snapshot is not None:
+            self._snapshot.preserve(slots[fresh])
         self.gone[slots[fresh]] = True
         self.tree.set(slots[fresh], np.zeros(int(fresh.sum())))
         self.removed += int(fresh.sum())
@@ -211,27 +219,34 @@ class PrioritizedReplay:
 
     _SLOT_ARRAYS = ("ids", "chunk", "obs_lo", "obs_hi", "next_lo", "next_hi", "action", "ret", "disc", "gone")
 
-    def snapshot(self) -> dict[str, Any]:
-        """A consistent copy of the replay's state, cheap enough to take between two messages.
+    def begin_snapshot(self) -> "ReplaySnapshot":
+        """Start a snapshot of the replay as it is now, to be copied a slice at a time
+        (``ReplaySnapshot.copy``) while the replay goes on changing."""
+        if self._snapshot is not None:
+            raise RuntimeError("a snapshot is already being taken")
+        self._snapshot = ReplaySnapshot(self)
+        return self._snapshot
 
-        Per-slot arrays are copied; chunk blobs are immutable ``bytes`` and only referenced, so the
-        (slow) writing can happen in another thread while the replay goes on changing.
+    def snapshot(self) -> dict[str, Any]:
+        """A consistent copy of the replay's state taken in one go (``begin_snapshot`` and copy it all).
+
+        Chunk blobs are immutable ``bytes`` and only referenced, so the (slow) writing can happen in
+        another thread while the replay goes on changing.
         """
-        cids = sorted(self._chunks)
-        return {
-            "meta": np.array([self.capacity, self.next_id, self._next_chunk, self.stale_updates], dtype=np.int64),
-            "alpha": np.array([self.alpha, self.priority_eps]),
-            "obs_spec": np.array([repr(self.obs_shape), str(self.obs_dtype)]),
-            **{f"slot_{k}": getattr(self, k).copy() for k in self._SLOT_ARRAYS},
-            "leaves": self.tree.get(np.arange(self.capacity)),
-            "chunk_ids": np.array(cids, dtype=np.int64),
-            "chunk_live": np.array([self._live[c] for c in cids], dtype=np.int64),
-            "chunks": [self._chunks[c] for c in cids],
-        }
+        snap = self.begin_snapshot()
+        snap.copy(self.capacity)
+        return snap.state()
 
     @staticmethod
     def write_snapshot(state: dict[str, Any], path: str | Path) -> None:
-        """Write a ``snapshot()`` atomically (temporary file, fsync, rename): never a torn file."""
+        """Write a ``snapshot()`` atomically (temporary file, fsync, rename): never a torn file.
+
+        The file is an ``.npz`` (what ``np.savez`` writes, entries uncompressed: the frames are lz4
+        already) streamed in pieces of at most ``_WRITE_PIECE`` bytes straight from the arrays and
+        blobs: ``np.savez`` copies each array into a new ``bytes`` with the GIL held (16 MiB at a time),
+        which stalls the event loop of a server writing from a thread; crc32 and the file writes
+        release the GIL.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {k: v for k, v in state.items() if k != "chunks"}
@@ -239,7 +254,14 @@ class PrioritizedReplay:
             arrays[f"c{i}"] = np.frombuffer(data, dtype=np.uint8)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                for name, a in arrays.items():
+                    a = np.ascontiguousarray(a)
+                    with z.open(f"{name}.npy", "w", force_zip64=True) as out:
+                        np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(a))
+                        raw = memoryview(a.reshape(-1).view(np.uint8)) if a.size else memoryview(b"")
+                        for lo in range(0, len(raw), _WRITE_PIECE):
+                            out.write(raw[lo:lo + _WRITE_PIECE])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -271,6 +293,113 @@ class PrioritizedReplay:
                 r._live[cid] = live
                 r.stored_bytes += len(data)
         return r
+
+
+# Largest piece of an array or blob ``write_snapshot`` hands to zipfile at once.
+_WRITE_PIECE = 1 << 20
+
+
+class ReplaySnapshot:
+    """The replay's state at the instant ``PrioritizedReplay.begin_snapshot`` was called, copied a
+    slice of slots at a time (``copy``) so that a server can sample and insert between slices.
+
+    Consistency is copy-on-write. Slots below ``cursor`` are copied already; slots at or above it
+    are still read from the replay. Before the replay changes a slot at or above the cursor (an
+    insert overwriting it, a priority update, a removal) it calls ``preserve``, which saves that
+    slot's values and leaf here and marks it so the copy skips it when the cursor gets there. A slot
+    changed before the cursor reached it therefore keeps its value from the begin instant, one that
+    did not change is copied as it still is then: every slot, priority and chunk reference is the
+    begin instant's, so a restored replay is that replay (no torn items, no priority of another
+    item), and the FIFO position, chunk counter and counters are taken at that instant. Each slot
+    is copied once, so the work is a one-shot copy's, spread over slices, plus a small gather per
+    insert or update that lands ahead of the cursor.
+
+    Chunk blobs are immutable ``bytes``: the snapshot keeps a reference to every chunk its slots use,
+    taken when a slot is copied or preserved (its chunk is still stored then), so chunks evicted
+    later are still written. Per-chunk live counts are recounted from the copied slots by ``state``.
+    """
+
+    def __init__(self, replay: PrioritizedReplay) -> None:
+        self._replay = replay
+        cap = replay.capacity
+        self.meta = np.array([cap, replay.next_id, replay._next_chunk, replay.stale_updates], dtype=np.int64)
+        self.alpha = np.array([replay.alpha, replay.priority_eps])
+        self.obs_spec = np.array([repr(replay.obs_shape), str(replay.obs_dtype)])
+        self.slots = {k: np.empty_like(getattr(replay, k)) for k in PrioritizedReplay._SLOT_ARRAYS}
+        self.leaves = np.empty(cap, dtype=np.float64)
+        self.saved = np.zeros(cap, dtype=bool)  # preserved ahead of the cursor: the copy skips these
+        self.chunks: dict[int, memoryview] = {}
+        self.cursor = 0
+
+    @property
+    def done(self) -> bool:
+        """Every slot is copied: the snapshot no longer depends on the replay."""
+        return self.cursor >= len(self.saved)
+
+    def copy(self, n: int) -> bool:
+        """Copy the next ``n`` slots (at least one); returns ``done``. Once done, the replay stops
+        calling ``preserve``."""
+        r, a = self._replay, self.cursor
+        b = min(a + max(1, n), len(self.saved))
+        keep = ~self.saved[a:b]
+        whole = bool(keep.all())  # the usual case: a plain slice copy
+        for k, dst in self.slots.items():
+            if whole:
+                dst[a:b] = getattr(r, k)[a:b]
+            else:
+                np.copyto(dst[a:b], getattr(r, k)[a:b], where=keep)
+        np.copyto(self.leaves[a:b], r.tree.leaves(a, b), where=keep)
+        # Copied slots hold chunks still stored now; preserved ones had theirs kept by ``preserve``.
+        self._keep_chunks(self.slots["chunk"][a:b][self.slots["ids"][a:b] >= 0])
+        self.cursor = b
+        if self.done:
+            self.cancel()
+        return self.done
+
+    def preserve(self, slots: np.ndarray) -> None:
+        """Save these slots' values as they are now, before the replay changes them (slots already
+        copied or saved are left alone: theirs are the begin instant's)."""
+        s = np.asarray(slots, dtype=np.int64)
+        s = s[s >= self.cursor]
+        s = s[~self.saved[s]]
+        if s.size == 0:
+            return
+        r = self._replay
+        for k, dst in self.slots.items():
+            dst[s] = getattr(r, k)[s]
+        self.leaves[s] = r.tree.get(s)
+        self.saved[s] = True
+        self._keep_chunks(self.slots["chunk"][s][self.slots["ids"][s] >= 0])
+
+    def _keep_chunks(self, cids: np.ndarray) -> None:
+        if cids.size == 0:
+            return
+        # A FIFO's slots come in runs of one chunk: dedup the runs before going to Python.
+        runs = cids[np.concatenate(([True], cids[1:] != cids[:-1]))]
+        stored = self._replay._chunks
+        for cid in set(runs.tolist()) - self.chunks.keys():
+            self.chunks[cid] = stored[cid]
+
+    def cancel(self) -> None:
+        """Stop following the replay's changes (when done, or when the snapshot is abandoned)."""
+        if self._replay._snapshot is self:
+            self._replay._snapshot = None
+
+    def state(self) -> dict[str, Any]:
+        """The finished snapshot in ``write_snapshot``'s form. Touches nothing of the replay, so it
+        can run in the writing thread."""
+        if not self.done:
+            raise RuntimeError(f"snapshot copied up to slot {self.cursor} of {len(self.saved)}")
+        ids, chunk = self.slots["ids"], self.slots["chunk"]
+        cids, live = np.unique(chunk[ids >= 0], return_counts=True)
+        return {
+            "meta": self.meta, "alpha": self.alpha, "obs_spec": self.obs_spec,
+            **{f"slot_{k}": v for k, v in self.slots.items()},
+            "leaves": self.leaves,
+            "chunk_ids": cids.astype(np.int64),
+            "chunk_live": live.astype(np.int64),
+            "chunks": [self.chunks[c] for c in cids.tolist()],
+        }
 
 
 class SampleToInsertRatio:

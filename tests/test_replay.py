@@ -421,6 +421,139 @@ def _snapshot_chunk(rng: np.random.Generator, n: int, seed: int):
                            disc=np.full(n, 0.97, np.float32), priority=(rng.random(n) + 0.1).astype(np.float32))
 
 
+def _replay_state(r: PrioritizedReplay) -> dict:
+    """Everything a snapshot must restore, copied: slot arrays, leaves, FIFO position, counters,
+    per-chunk live counts and blobs, and the frames of every stored item as a batch gathers them."""
+    live = np.flatnonzero(r.ids >= 0)
+    batch = r._gather(live, np.ones(len(live), np.float32), 0)
+    return {"slots": {k: getattr(r, k).copy() for k in PrioritizedReplay._SLOT_ARRAYS},
+            "leaves": _leaves(r), "meta": (r.next_id, r._next_chunk, r.stale_updates),
+            "live": dict(r._live), "blobs": {c: bytes(b) for c, b in r._chunks.items()},
+            "frames": bytes(batch.frame_data), "total": r.tree.total}
+
+
+def _assert_restores(back: PrioritizedReplay, want: dict) -> None:
+    got = _replay_state(back)
+    for k, v in want["slots"].items():
+        np.testing.assert_array_equal(got["slots"][k], v, err_msg=k)
+    np.testing.assert_array_equal(got["leaves"], want["leaves"])  # each item's own priority
+    assert got["meta"] == want["meta"]  # FIFO position, chunk counter, counters
+    assert got["live"] == want["live"] and got["blobs"] == want["blobs"]
+    assert got["frames"] == want["frames"]  # no torn item: every item's frames are its own
+    np.testing.assert_allclose(back.tree.total, want["total"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed,slice_slots", [(0, 1), (1, 5), (2, 17), (3, 40)])
+def test_snapshot_copied_in_slices_while_the_replay_changes_restores_the_begin_instant(
+        tmp_path, seed: int, slice_slots: int) -> None:
+    """Between slices, chunks are inserted (evicting items ahead of and behind the copy, whole chunks
+    too), priorities updated and items removed; the snapshot is still the replay of the instant it
+    began, and the restored replay goes on from there."""
+    rng = np.random.default_rng(seed)
+    cap = 64
+    r = PrioritizedReplay(cap, alpha=0.6, seed=1)
+    for i in range(13):  # 104 items: wrapped, first chunks partly evicted
+        r.add(_snapshot_chunk(rng, 8, seed=i))
+    r.update(np.arange(40, 104), rng.random(64) + 0.1)
+    r.remove(np.array([50, 77]))
+    want = _replay_state(r)
+    snap = r.begin_snapshot()
+    with pytest.raises(RuntimeError, match="already"):
+        r.begin_snapshot()
+    changed_ahead = changed_behind = 0
+    k = 100
+    per_gap = -(-3 * cap // (2 * (-(-cap // slice_slots) - 1)))  # 1.5 x capacity over all gaps
+    while True:
+        done = snap.copy(slice_slots)
+        if done:
+            break
+        before = r.ids.copy(), _leaves(r)
+        target = r.next_id + per_gap
+        while r.next_id < target:  # chunks of 1 to 11 items
+            k += 1
+            r.add(_snapshot_chunk(rng, int(rng.integers(1, 12)), seed=k))
+        live = r.ids[r.ids >= 0]
+        r.update(np.concatenate([rng.choice(live, 6), [0, 1]]), rng.random(8) + 0.1)  # 0, 1: stale
+        r.remove(rng.choice(live, 1))
+        moved = np.flatnonzero((r.ids != before[0]) | (_leaves(r) != before[1]))
+        changed_ahead += int((moved >= snap.cursor).sum())
+        changed_behind += int((moved < snap.cursor).sum())
+    assert changed_ahead > 0 and changed_behind > 0 and snap.saved.any()
+    assert r._snapshot is None  # done: the replay no longer feeds it
+    assert r.next_id - want["meta"][0] > cap  # every item of the begin instant was overwritten since
+    for k in range(3):  # the replay goes on changing while the finished snapshot waits to be written
+        r.add(_snapshot_chunk(rng, 8, seed=200 + k))
+    path = tmp_path / "replay" / "snapshot.npz"
+    PrioritizedReplay.write_snapshot(snap.state(), path)
+    back = PrioritizedReplay.load_snapshot(path, cap, 0.6, seed=1)
+    _assert_restores(back, want)
+    assert back.add(_snapshot_chunk(rng, 4, seed=300))[0] == want["meta"][0]  # ids go on from there
+    assert back.update(np.array([want["meta"][0] - cap - 1]), np.array([1.0])) == 0  # evicted: stale
+
+
+def test_abandoned_snapshot_stops_following_the_replay() -> None:
+    rng = np.random.default_rng(0)
+    r = PrioritizedReplay(32, alpha=0.6)
+    r.add(_snapshot_chunk(rng, 8, seed=0))
+    snap = r.begin_snapshot()
+    snap.copy(4)
+    snap.cancel()
+    r.add(_snapshot_chunk(rng, 8, seed=1))
+    assert not snap.saved.any()  # nothing preserved once cancelled
+    with pytest.raises(RuntimeError, match="copied up to slot 4"):
+        snap.state()
+    r.begin_snapshot().copy(32)  # a new one can start
+
+
+def test_service_snapshot_serves_between_slices_and_restores_its_begin_instant(tmp_path) -> None:
+    """The replay server's snapshot task yields to the loop: batches are sampled, chunks inserted and
+    priorities updated while it copies, and the file is the replay of the instant it began."""
+    import asyncio
+    from dataclasses import replace
+
+    svc = _service(capacity=256, batch_size=16, min_size=8)
+    svc.cfg = replace(svc.cfg, run_dir=str(tmp_path), snapshot_period=1.0)
+    svc.snapshot_path = tmp_path / "replay" / "snapshot.npz"
+    for tag in range(40):  # 320 items: wrapped
+        svc.on_experience(encode(simple_chunk(np.random.default_rng(tag).random(8) + 0.1, tag=tag)))
+    want: dict = {}
+    begin = svc.replay.begin_snapshot
+
+    def spy():  # the state at the instant the snapshot begins
+        want.update(_replay_state(svc.replay))
+        return begin()
+    svc.replay.begin_snapshot = spy
+    during = {"sampled": 0, "inserted": 0, "updated": 0}
+
+    async def traffic(stop: asyncio.Event) -> None:
+        tag, rng = 1000, np.random.default_rng(0)
+        while not stop.is_set():
+            copying = svc.replay._snapshot is not None
+            s = decode_sample(svc.sample_frames())
+            assert svc.on_priorities(_update(s.ids, rng.random(len(s.ids)) + 0.1, s.incarnation))
+            assert svc.on_experience(encode(simple_chunk(rng.random(5) + 0.1, tag=tag)))
+            tag += 1
+            if copying:
+                during["sampled"] += 1
+                during["inserted"] += 5
+            await asyncio.sleep(0)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        t = asyncio.create_task(traffic(stop))
+        await asyncio.sleep(0)
+        await svc.snapshot(slice_slots=8)  # 32 slices
+        stop.set()
+        await t
+
+    asyncio.run(run())
+    assert during["sampled"] > 0 and during["inserted"] > 0
+    assert svc.replay._snapshot is None
+    back = _service(capacity=256, batch_size=16, min_size=8)
+    restored = type(back)(replace(back.cfg, run_dir=str(tmp_path), snapshot_period=1.0))  # as a restart does
+    _assert_restores(restored.replay, want)
+
+
 # --------------------------------------------------------------------------- removal of bad items
 
 

@@ -7,9 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-import zmq
-
 from apex_zmq import config as C
+from apex_zmq import flow
 from apex_zmq.envs import env_spec
 from apex_zmq.transport import Sockets, install_stop, run_role
 from apex_zmq.wire import Telemetry, WireError, decode_experience, decode_priorities, encode, new_incarnation
@@ -107,11 +106,10 @@ class ReplayService:
 async def main_async(cfg: C.ReplayConfig) -> None:
     """Bind the replay server's sockets and serve until stopped."""
     svc = ReplayService(cfg)
+    print(f"replay_server: {flow.settings(cfg, 'replay_server')}", flush=True)
     socks = Sockets(cfg.insecure, cfg.keys)
-    exp = socks.bind(zmq.PULL, cfg.experience, hwm=64)
-    samples = socks.bind(zmq.PUSH, cfg.samples, hwm=cfg.prefetch)
-    prios = socks.bind(zmq.PULL, cfg.priorities, hwm=64)
-    tel = socks.connect(zmq.PUB, cfg.telemetry)
+    exp, samples, prios, tel = (socks.open(cfg, "replay_server", n)
+                                for n in ("experience", "samples", "priorities", "telemetry"))
     stop = asyncio.Event()
     install_stop(stop)
     inserted = asyncio.Event()  # set after each chunk: sampling may be able to go on

@@ -44,6 +44,11 @@ class ReplayService:
         self.counts = {"inserted": 0, "sampled": 0, "updated": 0, "rejected_experience": 0,
                        "rejected_priorities": 0, "stale_incarnation": 0}
         self.batches = 0
+        # Priority updates of this incarnation's batches applied (one per batch the learner trained on):
+        # batches - answered is how far priorities lag (flow.priority_lag_bound). A learner that restarts
+        # takes its unanswered batches with it, and they stay counted.
+        self.answered = 0
+        self.lag_max = 0
         # Ids restart (or, from a snapshot, rewind) when this process restarts: updates for the ids of
         # an earlier incarnation would land on other items, so they carry this id and are checked.
         self.incarnation = new_incarnation()
@@ -78,7 +83,13 @@ class ReplayService:
             return True
         self.counts["updated"] += self.replay.update(upd.ids, upd.priority)
         self.replay.remove(upd.remove)
+        self.answered += 1
         return True
+
+    @property
+    def priority_lag(self) -> int:
+        """Batches sampled whose priority update has not been applied."""
+        return self.batches - self.answered
 
     @property
     def ready(self) -> bool:
@@ -96,6 +107,7 @@ class ReplayService:
         """Encode the next prioritized batch."""
         beta = annealed_beta(self.cfg.beta, self.batches, self.cfg.beta_anneal)
         self.batches += 1
+        self.lag_max = max(self.lag_max, self.priority_lag)
         batch = self.replay.sample(self.cfg.batch_size, beta, seq=self.batches)
         batch.incarnation = self.incarnation
         self.counts["sampled"] += len(batch.ids)
@@ -163,7 +175,9 @@ async def main_async(cfg: C.ReplayConfig) -> None:
                          "replay/stale_incarnation": svc.counts["stale_incarnation"],
                          "replay/removed": svc.replay.removed,
                          "replay/samples_per_insert": svc.limiter.ratio,
-                         "replay/samples_per_insert_target": cfg.samples_per_insert})))
+                         "replay/samples_per_insert_target": cfg.samples_per_insert,
+                         "replay/batches": svc.batches, "replay/priority_lag": svc.priority_lag,
+                         "replay/priority_lag_max": svc.lag_max})))
 
     async def snapshots() -> None:
         # The copy is taken on the loop (consistent), the slow write runs in a thread meanwhile.

@@ -179,6 +179,15 @@ def weights_link(cfg: Any, weights_bytes: int) -> Link:
     return _link(cfg, "weights", ("learner", "weights"), ("actor", "weights"), weights_bytes)
 
 
+def model_links(cfg: Any, weights_bytes: int) -> list[Link]:
+    """The pairs that carry model-sized messages: weights, and the asynchronous family's gradients."""
+    out = [weights_link(cfg, weights_bytes)]
+    if cfg.algo in ASYNC_ALGOS:
+        out.append(_link(cfg, "gradients", ("actor_learner", "gradients"), ("param_server", "gradients"),
+                         weights_bytes + HEADER_BYTES))
+    return out
+
+
 def weights_message_bytes(frames: list[Any]) -> int:
     """Wire bytes of an encoded message."""
     return sum(len(memoryview(f).cast("B")) + FRAME_BYTES for f in frames)
@@ -190,10 +199,7 @@ def links(cfg: Any, obs_bytes: int, weights_bytes: int | None = None) -> dict[st
     that carry model-sized messages, which the learner logs once it has its network)."""
     telemetry = MAX_HEADER_BYTES + FRAME_BYTES
     out: dict[str, Link] = {}
-    if cfg.algo in ASYNC_ALGOS:  # no replay: gradients in (a few header bytes more than the weights at most)
-        if weights_bytes is not None:
-            out["gradients"] = _link(cfg, "gradients", ("actor_learner", "gradients"), ("param_server", "gradients"),
-                                     weights_bytes + HEADER_BYTES)
+    if cfg.algo in ASYNC_ALGOS:  # no replay: gradients in (model-sized, with the weights below)
         sender = ("actor_learner", "telemetry")
     else:
         small_s, large_s = sample_bytes(cfg.batch_size, obs_bytes)
@@ -206,7 +212,8 @@ def links(cfg: Any, obs_bytes: int, weights_bytes: int | None = None) -> dict[st
                                   large_p, small_p)
         sender = ("actor", "telemetry")
     if weights_bytes is not None:
-        out["weights"] = weights_link(cfg, weights_bytes)
+        # A gradient has a few header bytes more than the weights at most (the online arrays of them).
+        out.update((ln.name, ln) for ln in model_links(cfg, weights_bytes))
     out["telemetry"] = _link(cfg, "telemetry", sender, ("evaluator", "telemetry"), telemetry)
     return out
 

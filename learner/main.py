@@ -119,7 +119,8 @@ async def main_async(cfg: C.LearnerConfig) -> None:
         print(f"learner: resumed from {core.ckpt_path} at step {core.resumed_from}", flush=True)
     # The one bound ./run.sh cannot state without building the network: model-sized messages in flight.
     w = flow.weights_message_bytes(core.weights(0))
-    print(f"learner: in flight, at most: {flow.describe_link(flow.weights_link(cfg, w))}", flush=True)
+    for ln in flow.model_links(cfg, w):
+        print(f"learner: in flight, at most: {flow.describe_link(ln)}", flush=True)
     if C.is_async(cfg):  # the parameter server of the asynchronous family: no replay, gradients in
         from .param_server import serve
         await serve(cfg, core)

@@ -188,7 +188,7 @@ def model_links(cfg: Any, weights_bytes: int) -> list[Link]:
     return out
 
 
-def weights_message_bytes(frames: list[Any]) -> int:
+def wire_bytes(frames: list[Any]) -> int:
     """Wire bytes of an encoded message."""
     return sum(len(memoryview(f).cast("B")) + FRAME_BYTES for f in frames)
 
@@ -291,7 +291,7 @@ def for_run(cfg: Any) -> dict[str, Link]:
     spec = env_spec(cfg.env)
     net = build_network(spec, cfg.hidden, cfg.algo, **C.net_options(cfg))
     names, arrays = state_arrays(net)
-    weights = weights_message_bytes(encode(Weights(sender="learner", seq=2**62, version=2**62, names=names,
+    weights = wire_bytes(encode(Weights(sender="learner", seq=2**62, version=2**62, names=names,
                                                    arrays=arrays, incarnation=2**52)))
     return links(cfg, obs_bytes(spec), weights)
 

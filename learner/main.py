@@ -118,7 +118,7 @@ async def main_async(cfg: C.LearnerConfig) -> None:
     if core.resumed_from >= 0:
         print(f"learner: resumed from {core.ckpt_path} at step {core.resumed_from}", flush=True)
     # The one bound ./run.sh cannot state without building the network: model-sized messages in flight.
-    w = flow.weights_message_bytes(core.weights(0))
+    w = flow.wire_bytes(core.weights(0))
     for ln in flow.model_links(cfg, w):
         print(f"learner: in flight, at most: {flow.describe_link(ln)}", flush=True)
     if C.is_async(cfg):  # the parameter server of the asynchronous family: no replay, gradients in

@@ -155,13 +155,13 @@ def test_message_sizes_bound_real_messages() -> None:
                                action=np.zeros(batch, np.int32), ret=np.zeros(batch, np.float32),
                                disc=np.zeros(batch, np.float32), ids=np.arange(batch, dtype=np.int64),
                                weight=np.ones(batch, np.float32))
-        size = flow.weights_message_bytes(wire.encode(msg))
+        size = flow.wire_bytes(wire.encode(msg))
         small, large = flow.sample_bytes(batch, obs[0].nbytes)
         assert small <= size <= large
     upd = wire.PriorityUpdate(sender="learner", seq=1, ids=np.arange(batch), priority=np.ones(batch, np.float32),
                               remove=np.arange(batch))
     small, large = flow.priorities_bytes(batch)
-    assert small <= flow.weights_message_bytes(wire.encode(upd)) <= large
+    assert small <= flow.wire_bytes(wire.encode(upd)) <= large
 
 
 # --------------------------------------------------------------------------- the arithmetic

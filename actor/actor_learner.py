@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import torch
-import zmq
 from torch import nn
 
 from apex_zmq import config as C
@@ -169,9 +168,9 @@ async def main_async(cfg: C.ActorConfig) -> None:
           f"exploration {core.exploration}, gradients in {cfg.gradient_dtype}; restart {cfg.restart}, "
           f"seed {core.seed}", flush=True)
     socks = Sockets(cfg.insecure, cfg.keys)
-    grads = socks.connect(zmq.PUSH, cfg.gradients, hwm=2, sync=True)  # owned by the stepping thread
-    weights = socks.connect(zmq.SUB, cfg.weights, hwm=2, subscribe=True)
-    tel = socks.connect(zmq.PUB, cfg.telemetry, hwm=100)
+    grads = socks.open(cfg, "actor_learner", "gradients", sync=True)  # owned by the stepping thread
+    weights = socks.open(cfg, "actor_learner", "weights")
+    tel = socks.open(cfg, "actor_learner", "telemetry")
     stop = asyncio.Event()
     install_stop(stop)
     pending: list = []  # newest decoded weights, handed to the stepping thread

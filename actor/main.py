@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import torch
-import zmq
 
 from apex_zmq import config as C
 from apex_zmq import cpu
@@ -212,9 +211,9 @@ async def main_async(cfg: C.ActorConfig) -> None:
           f"({core.acting.why}); CPU {cpu.detect().describe()}; "
           f"restart {cfg.restart}, seed {core.seed}", flush=True)
     socks = Sockets(cfg.insecure, cfg.keys)
-    exp = socks.connect(zmq.PUSH, cfg.experience, hwm=8, sync=True)  # owned by the stepping thread
-    weights = socks.connect(zmq.SUB, cfg.weights, hwm=2, subscribe=True)
-    tel = socks.connect(zmq.PUB, cfg.telemetry, hwm=100)
+    exp = socks.open(cfg, "actor", "experience", sync=True)  # owned by the stepping thread
+    weights = socks.open(cfg, "actor", "weights")
+    tel = socks.open(cfg, "actor", "telemetry")
     stop = asyncio.Event()
     install_stop(stop)
     pending: list = []  # newest decoded weights, handed to the stepping thread

@@ -14,6 +14,7 @@ COMMANDS = {
     "relay": ("apex_zmq.relay", "per-host weights relay: one learner subscription for all of a host's actors"),
     "play": ("evaluator.play", "evaluate a checkpoint over N seeded episodes (stats, CSV, video)"),
     "keys": ("apex_zmq.keys", "create the CURVE keys of a deployment (then pass --keys DIR to every role)"),
+    "bounds": ("apex_zmq.flow", "what may be in flight between the roles of a run (bytes, messages, priorities' lag)"),
 }
 ALIASES = {"replay": "replay_server", "replay-server": "replay_server"}
 

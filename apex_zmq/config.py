@@ -40,6 +40,13 @@ def loopback_endpoints(base_port: int) -> dict[str, str]:
     return {name: endpoint(LOOPBACK, base_port + port - first) for name, port in DEFAULT_PORTS.items()}
 
 
+# The kernel buffer settings (bytes; apex_zmq/flow.py). Below MIN_BUFFER Linux would hold its own floor
+# (~4.5 KiB), not twice the value given, and the bounds computed from the value would not hold.
+BUFFER_FIELDS = ("experience_buffer", "samples_buffer", "priorities_buffer", "weights_buffer", "telemetry_buffer",
+                 "gradients_buffer")
+MIN_BUFFER = 4096
+
+
 def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -82,6 +89,19 @@ class Common:
     gradients: str = _f(endpoint(LOOPBACK, DEFAULT_PORTS["gradients"]),
                         "actor-learners -> learner gradients endpoint (bound by the learner; asynchronous "
                         "algorithms only)")
+    # Kernel buffers (bytes given to SO_SNDBUF and SO_RCVBUF of each socket; Linux holds up to twice that;
+    # 0: the OS's autotuning, up to net.ipv4.tcp_wmem/tcp_rmem's maximum, 4 + 32 MiB by default). They bound
+    # the bytes in flight between two roles where the high-water marks count only messages (apex_zmq/flow.py,
+    # PROTOCOL.md 2.4). Larger: more throughput over a link with a long round trip, more batches in flight.
+    experience_buffer: int = _f(65536, "kernel buffer of the experience sockets, bytes (0: the OS's autotuning)")
+    samples_buffer: int = _f(65536, "kernel buffer of the samples sockets, bytes: with --prefetch it bounds the "
+                                    "batches in flight to the learner (0: the OS's autotuning)")
+    priorities_buffer: int = _f(8192, "kernel buffer of the priorities sockets, bytes (0: the OS's autotuning)")
+    weights_buffer: int = _f(262144, "kernel buffer of the weights sockets (and a relay's), bytes (0: the OS's "
+                                     "autotuning)")
+    telemetry_buffer: int = _f(16384, "kernel buffer of the telemetry sockets, bytes (0: the OS's autotuning)")
+    gradients_buffer: int = _f(262144, "asynchronous algorithms: kernel buffer of the gradients sockets, bytes "
+                                       "(0: the OS's autotuning)")
     insecure: bool = _f(False, "allow binding a non-loopback address without CURVE keys")
     keys: str = _f("", "CURVE key directory from `apex-zmq keys DIR`: every socket is then encrypted "
                        "and only authorized client keys may connect (empty: no CURVE)")
@@ -253,7 +273,10 @@ _CLASSIC: dict[str, Any] = dict(
     hidden=64, envs_per_actor=8, chunk_steps=8, capacity=50_000, batch_size=128, min_size=500,
     lr=1e-3, target_update=250, weights_period=0.25, checkpoint_period=10.0, eval_period=1.0,
     eval_episodes=10, eval_epsilon=0.0, report_period=2.0, prefetch=8, loader_threads=0,
-    eps_base=0.4, eps_alpha=7.0, n_step=3, gamma=0.99)
+    eps_base=0.4, eps_alpha=7.0, n_step=3, gamma=0.99,
+    # Sample batches of ~11 KB: with 16 KiB given (Linux holds 32 KiB a side) the kernels held at most 48 KiB
+    # of them in a CartPole run, where autotuned buffers held 2.8 MB (~260 batches) and priorities lagged so.
+    samples_buffer=16384, experience_buffer=16384)
 PRESETS: dict[str, dict[str, Any]] = {
     "classic": _CLASSIC,
     "CartPole-v1": _CLASSIC,
@@ -270,7 +293,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                     min_size=5_000, lr=2.5e-4, target_update=250, samples_per_insert=8.0,
                     spi_block_inserts=True, weights_period=0.5, checkpoint_period=60.0, eval_period=20.0,
                     eval_episodes=30, eval_epsilon=0.01, report_period=5.0, prefetch=4, loader_threads=0,
-                    eps_base=0.4, eps_alpha=7.0, n_step=3, gamma=0.99),
+                    eps_base=0.4, eps_alpha=7.0, n_step=3, gamma=0.99, samples_buffer=16384,
+                    experience_buffer=16384),
 }
 
 
@@ -572,6 +596,10 @@ def validate(cfg: Any) -> None:
     need(0 < cfg.gamma <= 1, "gamma", f"must be in (0, 1], got {cfg.gamma}")
     at_least(1, "hidden")
     positive("telemetry_period")
+    for name in BUFFER_FIELDS:  # below the floor Linux would hold its own minimum, not twice the value
+        v = getattr(cfg, name)
+        need(v == 0 or MIN_BUFFER <= v < 2**31, name, f"must be 0 (the OS's autotuning) or in [{MIN_BUFFER}, 2^31) "
+                                                       f"bytes, got {v}")
     if not isinstance(cfg, RelayConfig):
         need(cfg.algo != "dqn" or cfg.noisy != "on", "noisy", "dqn has no noisy layers (use --algo rainbow or iqn)")
         need(cfg.atoms >= 2, "atoms", f"must be >= 2, got {cfg.atoms}")

@@ -19,6 +19,7 @@ from typing import IO, Callable
 from urllib.parse import urlsplit
 
 from . import config as C
+from . import flow
 from .cpu_advice import cpu_learner_steps_per_s, no_gpu_message
 
 # Each role is a top-level package run as ``python -m <package>``; the relay is part of the shared library.
@@ -386,6 +387,14 @@ def _dashboard_address(cfg: C.LaunchConfig) -> str:
     return f"http://{host or '0.0.0.0'}:{cfg.dashboard_port}/"
 
 
+def print_bounds(cfg: C.LaunchConfig) -> None:
+    """What may be in flight between the roles (apex_zmq/flow.py), and how far priorities may lag; the
+    weights pair in the learner's log (its size needs the network)."""
+    from .envs import env_spec
+    plan = flow.links(cfg, flow.obs_bytes(env_spec(cfg.env)))
+    print("\n".join(f"run.sh: in flight, at most: {line}" for line in flow.describe(cfg, plan)), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every role of one training run on this machine until done, failed or interrupted."""
     cfg = C.parse(C.LaunchConfig, argv, "run", prog="./run.sh")
@@ -427,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
           f"run.sh: dashboard {_dashboard_address(cfg)} (the evaluator prints the address it serves, "
           f"also in {run_dir.resolve() / 'dashboard.url'}; learning curve in learning_curve.html/.png)\n"
           f"run.sh: Ctrl-C stops every role", flush=True)
+    print_bounds(cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -27,9 +27,6 @@ from . import config as C
 from .transport import Sockets, install_stop, run_role
 from .wire import Telemetry, WireError, decode_weights, encode
 
-# Weights messages are large (13.2 MB for the dueling Nature CNN): a few per queue is enough, as only the
-# newest matters and actors drain to the newest anyway. Same as the learner's weights PUB.
-WEIGHTS_HWM = 4
 # Subscriptions arriving within this window are answered with one resend of the cached weights: an
 # XPUB cannot address one subscriber, so every resend reaches all local subscribers (who ignore a
 # version they already have); coalescing keeps a burst of actor starts from multiplying that.
@@ -82,12 +79,12 @@ async def main_async(cfg: C.RelayConfig) -> None:
     """Relay weights from the learner to this host's subscribers until stopped."""
     socks = Sockets(cfg.insecure, cfg.keys)
     try:
-        down = socks.bind(zmq.XPUB, cfg.relay_weights, hwm=WEIGHTS_HWM)
+        down = socks.open(cfg, "relay", "relay_weights")
         # Pass every subscription up, not only a topic's first, so that each joiner is seen. (Set
         # after bind: one missed before that finds nothing cached yet, since upstream is not open.)
         down.setsockopt(zmq.XPUB_VERBOSE, 1)
-        up = socks.connect(zmq.XSUB, cfg.weights, hwm=WEIGHTS_HWM)
-        tel = socks.connect(zmq.PUB, cfg.telemetry)
+        up = socks.open(cfg, "relay", "weights")
+        tel = socks.open(cfg, "relay", "telemetry")
         # One subscription to everything of the relay's own, not the local subscribers' forwarded:
         # the cache stays fresh while no actor is connected, and local peers cannot steer upstream.
         await up.send(SUBSCRIBE)

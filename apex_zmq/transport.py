@@ -8,8 +8,10 @@ only the client keys in ``DIR/authorized/``; a socket a role connects is a CURVE
 the client key pair and checks the server public key. Without keys, traffic is unauthenticated, so a
 role binds only loopback addresses unless told ``--insecure``.
 
-Limits on every socket: the maximum frame size, send and receive high-water marks, zero linger, TCP
-keepalive (see ``KEEPALIVE_*`` for why not ZMTP heartbeats) and a fresh pipe per connection.
+Limits on every socket: the maximum frame size, send and receive high-water marks, kernel buffer
+sizes (so that what is in flight between two roles is bounded in bytes too: ``apex_zmq.flow``), zero
+linger, TCP keepalive (see ``KEEPALIVE_*`` for why not ZMTP heartbeats) and a fresh pipe per connection.
+The roles create their sockets with ``Sockets.open`` from ``flow.SOCKETS``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from .config import PORT_IN_USE_EXIT
+from .flow import SOCKETS
 from .keys import KeyStore
 
 MAX_MESSAGE_BYTES = 256 << 20  # largest frame any socket accepts (a 512 Atari batch is ~15 MB)
@@ -101,11 +104,17 @@ class Sockets:
         self._auth: AsyncioAuthenticator | None = None
         self._socks: list[zmq.asyncio.Socket] = []
 
-    def _make(self, kind: int, hwm: int, sync: bool = False) -> Any:
+    def _make(self, kind: int, hwm: int, sync: bool = False, kbuf: int = 0) -> Any:
         s = (self._sync_ctx if sync else self.ctx).socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.RCVHWM, hwm)
+        if kbuf > 0:
+            # Set before bind/connect: libzmq applies them to the listening socket (accepted ones inherit
+            # them) and to each connecting one, and a fixed size turns Linux's autotuning off, which
+            # otherwise grows them to MiBs of queued messages that no high-water mark counts.
+            s.setsockopt(zmq.SNDBUF, kbuf)
+            s.setsockopt(zmq.RCVBUF, kbuf)
         s.setsockopt(zmq.TCP_KEEPALIVE, 1)
         s.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
         s.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTVL_S)
@@ -132,9 +141,24 @@ class Sockets:
             auth.curve_user_id = lambda key: ""
             self._auth = auth
 
-    def bind(self, kind: int, endpoint: str, hwm: int = 100, sync: bool = False) -> Any:
+    def open(self, cfg: Any, role: str, name: str, sync: bool = False) -> Any:
+        """The socket ``name`` of program ``role`` as ``flow.SOCKETS`` describes it (pattern, bind or
+        connect, high-water mark), with ``cfg``'s endpoint and kernel buffer; SUB sockets subscribe to
+        everything. ``sync``: a blocking socket for one worker thread to own."""
+        spec = SOCKETS[(role, name)]
+        kind, endpoint = getattr(zmq, spec.pattern), getattr(cfg, spec.endpoint)
+        hwm, kbuf = spec.hwm_of(cfg), int(getattr(cfg, spec.buffer))
+        if spec.binds:
+            s = self.bind(kind, endpoint, hwm, sync, kbuf)
+            if spec.pattern == "SUB":
+                s.setsockopt(zmq.SUBSCRIBE, b"")
+            return s
+        return self.connect(kind, endpoint, hwm, subscribe=spec.pattern == "SUB", sync=sync, kbuf=kbuf)
+
+    def bind(self, kind: int, endpoint: str, hwm: int = 100, sync: bool = False, kbuf: int = 0) -> Any:
         """A bound socket: a CURVE server with keys; without keys, loopback only unless insecure.
-        ``sync``: a blocking socket for one worker thread to own (as in ``connect``)."""
+        ``sync``: a blocking socket for one worker thread to own (as in ``connect``). ``kbuf`` > 0: its
+        kernel buffers (SO_SNDBUF, SO_RCVBUF) in bytes; 0 leaves them to the OS."""
         if self.keys is None and not is_loopback(endpoint) and not self.insecure:
             raise SystemExit(f"refusing to bind {endpoint}: a non-loopback address needs CURVE keys "
                              "(--keys DIR, from `apex-zmq keys DIR`), or --insecure to accept "
@@ -142,7 +166,7 @@ class Sockets:
         if self.keys is not None:
             public, secret = self.keys.server_pair()
             self._start_auth()
-        s = self._make(kind, hwm, sync)
+        s = self._make(kind, hwm, sync, kbuf)
         if self.keys is not None:
             s.setsockopt(zmq.CURVE_SERVER, 1)
             s.setsockopt(zmq.CURVE_PUBLICKEY, public)
@@ -160,14 +184,15 @@ class Sockets:
         return s
 
     def connect(self, kind: int, endpoint: str, hwm: int = 100,
-                subscribe: bool = False, sync: bool = False) -> Any:
+                subscribe: bool = False, sync: bool = False, kbuf: int = 0) -> Any:
         """A connected socket (a CURVE client with keys; SUB sockets subscribe to everything when
         ``subscribe``). ``sync``: a blocking socket for one worker thread to own (see ``send_until``):
-        a hot loop then hands its messages to ZeroMQ itself, with no round trip through the event loop."""
+        a hot loop then hands its messages to ZeroMQ itself, with no round trip through the event loop.
+        ``kbuf``: as in ``bind``."""
         if self.keys is not None:  # keys first: a missing key exits before any socket exists
             public, secret = self.keys.client_pair()
             server_public = self.keys.server_public()
-        s = self._make(kind, hwm, sync)
+        s = self._make(kind, hwm, sync, kbuf)
         # A fresh pipe per connection: libzmq (4.3.5) otherwise re-attaches a new connection to the
         # pipe the old one left full, and reading that pipe can then abort the process ("Assertion
         # failed: _input_stopped", libzmq issue #3937; seen here with ZMTP heartbeats on). Sends

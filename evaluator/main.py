@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zmq
 
 from apex_zmq import checkpoint
 from apex_zmq import config as C
@@ -70,9 +69,8 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
     # Before any socket: a refused dashboard address exits here, naming the flag to use.
     dashboard = Dashboard(lambda: monitor.state(time.time()), cfg.dashboard_host, cfg.insecure)
     socks = Sockets(cfg.insecure, cfg.keys)
-    tel = socks.bind(zmq.SUB, cfg.telemetry, hwm=1000)
-    tel.setsockopt(zmq.SUBSCRIBE, b"")
-    weights = socks.connect(zmq.SUB, cfg.weights, hwm=2, subscribe=True)
+    tel = socks.open(cfg, "evaluator", "telemetry")
+    weights = socks.open(cfg, "evaluator", "weights")
     stop = asyncio.Event()
     install_stop(stop)
     latest: list[Weights] = []

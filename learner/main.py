@@ -13,9 +13,8 @@ from typing import NoReturn
 
 import numpy as np
 import torch
-import zmq
 
-from apex_zmq import checkpoint, optim
+from apex_zmq import checkpoint, flow, optim
 from apex_zmq import config as C
 from apex_zmq.envs import env_spec
 from apex_zmq.networks import state_arrays
@@ -118,22 +117,27 @@ async def main_async(cfg: C.LearnerConfig) -> None:
     core = LearnerCore(cfg)
     if core.resumed_from >= 0:
         print(f"learner: resumed from {core.ckpt_path} at step {core.resumed_from}", flush=True)
+    # The one bound ./run.sh cannot state without building the network: model-sized messages in flight.
+    w = flow.wire_bytes(core.weights(0))
+    for ln in flow.model_links(cfg, w):
+        print(f"learner: in flight, at most: {flow.describe_link(ln)}", flush=True)
     if C.is_async(cfg):  # the parameter server of the asynchronous family: no replay, gradients in
         from .param_server import serve
         await serve(cfg, core)
         return
+    print(f"learner: {flow.settings(cfg, 'learner')} (samples: one per loader thread)", flush=True)
     socks = Sockets(cfg.insecure, cfg.keys)
     # Each loader thread owns a PULL socket (the replay deals batches to them in turn): a batch goes
     # from ZeroMQ to the thread that decodes it with no hop through the event loop.
     # --loader-threads 0: the trainer thread receives and decodes each batch itself (a small network on
     # few cores: a loader thread beside it costs the step more in GIL hand-offs than decoding does).
-    samples = [socks.connect(zmq.PULL, cfg.samples, hwm=1, sync=True) for _ in range(max(1, cfg.loader_threads))]
-    prios = socks.connect(zmq.PUSH, cfg.priorities, hwm=64, sync=True)  # owned by the trainer thread
-    weights = socks.bind(zmq.PUB, cfg.weights, hwm=4)
-    tel = socks.connect(zmq.PUB, cfg.telemetry)
+    samples = [socks.open(cfg, "learner", "samples", sync=True) for _ in range(max(1, cfg.loader_threads))]
+    prios = socks.open(cfg, "learner", "priorities", sync=True)  # owned by the trainer thread
+    weights = socks.open(cfg, "learner", "weights")
+    tel = socks.open(cfg, "learner", "telemetry")
     stop = asyncio.Event()
     install_stop(stop)
-    batch_q: queue.Queue = queue.Queue(maxsize=2)
+    batch_q: queue.Queue = queue.Queue(maxsize=flow.LOADER_QUEUE)
     counts = {"rejected": 0}
     latest = {"frames": core.weights(0)}
 

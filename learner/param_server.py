@@ -12,7 +12,6 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import zmq
 from torch import nn
 
 from apex_zmq import config as C
@@ -107,9 +106,9 @@ async def serve(cfg: C.LearnerConfig, core) -> None:
     socks = Sockets(cfg.insecure, cfg.keys)
     # Both owned by the applying thread: a gradient goes from ZeroMQ to the optimizer, and the new
     # weights from it to ZeroMQ, with no hop through the event loop.
-    grads = socks.bind(zmq.PULL, cfg.gradients, hwm=16, sync=True)
-    weights = socks.bind(zmq.PUB, cfg.weights, hwm=4, sync=True)
-    tel = socks.connect(zmq.PUB, cfg.telemetry)
+    grads = socks.open(cfg, "param_server", "gradients", sync=True)
+    weights = socks.open(cfg, "param_server", "weights", sync=True)
+    tel = socks.open(cfg, "param_server", "telemetry")
     stop = asyncio.Event()
     install_stop(stop)
     counts = {"rejected": 0}

@@ -7,9 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-import zmq
-
 from apex_zmq import config as C
+from apex_zmq import flow
 from apex_zmq.envs import env_spec
 from apex_zmq.transport import Sockets, install_stop, run_role
 from apex_zmq.wire import Telemetry, WireError, decode_experience, decode_priorities, encode, new_incarnation
@@ -48,6 +47,11 @@ class ReplayService:
         self.counts = {"inserted": 0, "sampled": 0, "updated": 0, "rejected_experience": 0,
                        "rejected_priorities": 0, "stale_incarnation": 0}
         self.batches = 0
+        # Priority updates of this incarnation's batches applied (one per batch the learner trained on):
+        # batches - answered is how far priorities lag (flow.priority_lag_bound). A learner that restarts
+        # takes its unanswered batches with it, and they stay counted.
+        self.answered = 0
+        self.lag_max = 0
         # Ids restart (or, from a snapshot, rewind) when this process restarts: updates for the ids of
         # an earlier incarnation would land on other items, so they carry this id and are checked.
         self.incarnation = new_incarnation()
@@ -83,7 +87,13 @@ class ReplayService:
             return True
         self.counts["updated"] += self.replay.update(upd.ids, upd.priority)
         self.replay.remove(upd.remove)
+        self.answered += 1
         return True
+
+    @property
+    def priority_lag(self) -> int:
+        """Batches sampled whose priority update has not been applied."""
+        return self.batches - self.answered
 
     @property
     def ready(self) -> bool:
@@ -101,6 +111,7 @@ class ReplayService:
         """Encode the next prioritized batch."""
         beta = annealed_beta(self.cfg.beta, self.batches, self.cfg.beta_anneal)
         self.batches += 1
+        self.lag_max = max(self.lag_max, self.priority_lag)
         batch = self.replay.sample(self.cfg.batch_size, beta, seq=self.batches)
         batch.incarnation = self.incarnation
         self.counts["sampled"] += len(batch.ids)
@@ -126,11 +137,10 @@ class ReplayService:
 async def main_async(cfg: C.ReplayConfig) -> None:
     """Bind the replay server's sockets and serve until stopped."""
     svc = ReplayService(cfg)
+    print(f"replay_server: {flow.settings(cfg, 'replay_server')}", flush=True)
     socks = Sockets(cfg.insecure, cfg.keys)
-    exp = socks.bind(zmq.PULL, cfg.experience, hwm=64)
-    samples = socks.bind(zmq.PUSH, cfg.samples, hwm=cfg.prefetch)
-    prios = socks.bind(zmq.PULL, cfg.priorities, hwm=64)
-    tel = socks.connect(zmq.PUB, cfg.telemetry)
+    exp, samples, prios, tel = (socks.open(cfg, "replay_server", n)
+                                for n in ("experience", "samples", "priorities", "telemetry"))
     stop = asyncio.Event()
     install_stop(stop)
     inserted = asyncio.Event()  # set after each chunk: sampling may be able to go on
@@ -185,7 +195,9 @@ async def main_async(cfg: C.ReplayConfig) -> None:
                          "replay/removed": svc.replay.removed,
                          "replay/removed_updates": svc.replay.removed_updates,
                          "replay/samples_per_insert": svc.limiter.ratio,
-                         "replay/samples_per_insert_target": cfg.samples_per_insert})))
+                         "replay/samples_per_insert_target": cfg.samples_per_insert,
+                         "replay/batches": svc.batches, "replay/priority_lag": svc.priority_lag,
+                         "replay/priority_lag_max": svc.lag_max})))
 
     async def snapshots() -> None:
         while True:

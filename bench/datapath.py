@@ -1,8 +1,9 @@
 """The CPU cost of each stage of the data path, per item and as cores needed for 1,000 learner steps/s.
 
 Every stage runs its pure core in this process on real frames (ale-py games stepped by the actor's own
-core with random Q values: ``_common.real_chunks``), timed with ``time.thread_time`` (CPU of the thread
-doing the work) and ``time.perf_counter`` (wall):
+core with random Q values: ``_common.real_chunks``), each call timed with ``time.thread_time`` (CPU of the
+thread doing the work) and ``time.perf_counter`` (wall); the figures are the medians per call (a machine
+shared with other work inflates some calls):
 
   replay sample + update   ``PrioritizedReplay.sample(batch)`` + ``update(ids, priorities)`` on a replay
                            of ``--capacity`` Pong transitions (filled by re-adding a pool of real chunks),
@@ -55,30 +56,36 @@ REFERENCE_BATCH = 512
 
 @dataclass
 class Timing:
-    """CPU and wall seconds over ``calls`` calls."""
+    """CPU and wall seconds of each call; per call, the medians (robust to the bursts of a shared machine)."""
 
-    cpu: float
-    wall: float
-    calls: int
+    cpu: list[float]
+    wall: list[float]
+
+    @property
+    def calls(self) -> int:
+        return len(self.cpu)
 
     @property
     def cpu_per_call(self) -> float:
-        return self.cpu / self.calls
+        return float(np.median(self.cpu))
 
     @property
     def wall_per_call(self) -> float:
-        return self.wall / self.calls
+        return float(np.median(self.wall))
 
 
 def timed(fn: Callable[[int], object], seconds: float, min_calls: int) -> Timing:
     """Call ``fn(i)`` for i = 0, 1, ... until ``min_calls`` calls and ``seconds`` of wall time; the CPU time
     is this thread's (``thread_time``: other threads and processes on the machine are not counted)."""
     fn(0)  # warm: first-call allocations and caches
-    n, c0, w0 = 0, time.thread_time(), time.perf_counter()
-    while n < min_calls or time.perf_counter() - w0 < seconds:
-        fn(n)
-        n += 1
-    return Timing(time.thread_time() - c0, time.perf_counter() - w0, n)
+    cpu, wall = [], []
+    start = time.perf_counter()
+    while len(cpu) < min_calls or time.perf_counter() - start < seconds:
+        c, w = time.thread_time(), time.perf_counter()
+        fn(len(cpu))
+        cpu.append(time.thread_time() - c)
+        wall.append(time.perf_counter() - w)
+    return Timing(cpu, wall)
 
 
 def memcpy_s(nbytes: float, least_s: float = 2e-3) -> float:
@@ -265,10 +272,10 @@ def trainer_loop_stage(batch: int, args) -> Stage:
     drainer.start()
     z = torch.zeros(batch)
     b = Batch(obs=z, action=z.long(), ret=z, disc=z, next_obs=z, weight=z, ids=np.arange(batch, dtype=np.int64))
-    rounds: list[Timing] = []
+    steps = 200
+    cpu, wall = [], []
     try:
-        steps = max(args.min_calls, 200)
-        while not rounds or (sum(r.wall for r in rounds) < args.seconds):
+        while len(cpu) < args.min_calls or sum(wall) < args.seconds:
             cfg = SimpleNamespace(max_learner_steps=steps, weights_period=1e9, checkpoint_period=1e9)
             core = SimpleNamespace(cfg=cfg, learner=TrivialRule(batch), resumed_from=-1, wait_s=0.0, train_s=0.0,
                                    bad_items=0, loss=float("nan"), weights=lambda seq: [], save=lambda: None)
@@ -276,14 +283,15 @@ def trainer_loop_stage(batch: int, args) -> Stage:
             c0, w0 = time.thread_time(), time.perf_counter()
             train(core, lambda: b, lambda msg: send_until(push, msg, stop), lambda frames: None, stop.is_set,
                   pending)
-            rounds.append(Timing(time.thread_time() - c0, time.perf_counter() - w0, steps))
+            cpu.append(time.thread_time() - c0)
+            wall.append(time.perf_counter() - w0)
     finally:
         stop.set()
         drainer.join()
         push.close(0)
         pull.close(0)
-    t = Timing(sum(r.cpu for r in rounds), sum(r.wall for r in rounds), sum(r.calls for r in rounds))
-    return Stage("trainer loop (trivial step)", "step", t, 1, batch * 12, STEPS_PER_S)  # ids int64 + f32
+    # per call: a round of ``steps`` steps (each update: ids int64 + priorities float32)
+    return Stage("trainer loop (trivial step)", "step", Timing(cpu, wall), steps, steps * batch * 12, STEPS_PER_S)
 
 
 # ------------------------------------------------------------------------------------------------- main

@@ -19,7 +19,7 @@ shared with other work inflates some calls):
                            in-process ZeroMQ socket: the loop's own cost per step (the CPU path of
                            ``learner.readback``; weights and checkpoint periods set beyond the run)
   loader scaling           decode and assemble in two threads against one: batches/s (wall), and the
-                           process CPU per batch in each
+                           loader threads' CPU per batch in each
 
 Beside each stage, a memcpy (numpy ``copyto``) of the bytes it produces, in the same run: machines differ,
 the ratio to memcpy less. "Cores for 1,000 steps/s" is CPU per item x items per second at 1,000 learner
@@ -208,28 +208,32 @@ def loader_stage(game: str, frames: list[list], spec, batch: int, args) -> Stage
 
 
 def loader_scaling(frames: list[list], spec, per_thread: int) -> dict[int, tuple[float, float]]:
-    """{threads: (batches/s wall, process CPU s per batch)} for 1 and 2 loader threads, each assembling
-    ``per_thread`` batches (lz4 and torch release the GIL; the rest holds it)."""
+    """{threads: (batches/s wall, CPU s per batch of the loader threads)} for 1 and 2 loader threads, each
+    assembling ``per_thread`` batches after one to warm up (lz4 and torch release the GIL; the rest holds it)."""
     import torch
     out = {}
     for threads in (1, 2):
         go = threading.Barrier(threads + 1)
+        cpu = [0.0] * threads
 
         def work(k: int) -> None:
             torch.set_num_threads(1)  # as a loader thread
+            assemble(frames[k % len(frames)], spec)  # a new thread's first batch: its allocations
             go.wait()
+            c = time.thread_time()
             for i in range(per_thread):
                 assemble(frames[(i + k) % len(frames)], spec)
+            cpu[k] = time.thread_time() - c
 
         workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
         for w in workers:
             w.start()
         go.wait()
-        c0, w0 = time.process_time(), time.perf_counter()
+        w0 = time.perf_counter()
         for w in workers:
             w.join()
-        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        out[threads] = (threads * per_thread / wall, cpu / (threads * per_thread))
+        wall = time.perf_counter() - w0
+        out[threads] = (threads * per_thread / wall, sum(cpu) / (threads * per_thread))
     return out
 
 
@@ -324,17 +328,20 @@ def main(argv: list[str] | None = None) -> None:
         size = sum(len(c.frame_data) for c in pools[game]) / n
         print(f"{env}: {n} real transitions in {time.perf_counter() - t:.0f}s, {size:.0f} compressed frame "
               f"bytes per transition", flush=True)
-    rows = replay_stages(pools["pong"], args.capacity, args.batch, args.samples_per_insert, args)
+    # The loader stages first, in a process that has not yet held the large replay: after it is freed, the
+    # allocator's state made each batch's fresh ~60 MB of arrays cost Pong's stage 3x its CPU here (31 ms
+    # against 9.5 ms per batch), which a learner process (no replay in it) does not pay.
     frames = {g: encoded_batches(pools[g], args.batch, args.batches) for g in pools}
-    rows += [loader_stage(g, frames[g], specs[g], args.batch, args) for g in ("pong", "mspacman")]
+    rows = [loader_stage(g, frames[g], specs[g], args.batch, args) for g in ("pong", "mspacman")]
+    scale = loader_scaling(frames["pong"], specs["pong"], args.scaling_batches)
     rows.append(trainer_loop_stage(args.batch, args))
+    rows = replay_stages(pools["pong"], args.capacity, args.batch, args.samples_per_insert, args) + rows
     print(f"per item: CPU (this thread), wall, bytes produced, a memcpy of those bytes in this run, cores for "
           f"{STEPS_PER_S} learner steps/s x {REFERENCE_BATCH}", flush=True)
     for r in rows:
         print(r.line(), flush=True)
     print(f"cores for {STEPS_PER_S} steps/s x {REFERENCE_BATCH}, all stages above (Pong loader): "
           f"{sum(r.cores for r in rows if 'mspacman' not in r.name):.1f}", flush=True)
-    scale = loader_scaling(frames["pong"], specs["pong"], args.scaling_batches)
     (one, cpu1), (two, cpu2) = scale[1], scale[2]
     print(f"loader threads (Pong): 1 thread {one:.1f} batches/s ({cpu1 * 1e3:.1f} ms CPU per batch), 2 threads "
           f"{two:.1f} batches/s ({cpu2 * 1e3:.1f} ms CPU per batch): x{two / one:.2f}", flush=True)

@@ -46,9 +46,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, print_machine, real_chunks  # noqa: E402
-
-sys.path.insert(0, str(ROOT))  # ahead of bench/, whose replay_server.py would hide the replay_server package
+from _common import print_machine, real_chunks  # noqa: E402
 
 STEPS_PER_S = 1000   # the learner rate the cores are sized for
 REFERENCE_BATCH = 512

@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> None:
         size = sum(len(c.frame_data) for c in pools[game]) / n
         print(f"{env}: {n} real transitions in {time.perf_counter() - t:.0f}s, {size:.0f} compressed frame "
               f"bytes per transition", flush=True)
-    # The loader stages first, in a process that has not yet held the large replay: after it is freed, the
-    # allocator's state made each batch's fresh ~60 MB of arrays cost Pong's stage 3x its CPU here (31 ms
-    # against 9.5 ms per batch), which a learner process (no replay in it) does not pay.
+    # The loader stages first, in a process that has not yet held the large replay: measured after it (freed),
+    # Pong's batch cost 3x its CPU here (31 ms against 9.5-11 ms; most likely the allocator's state, each
+    # batch allocating ~60 MB afresh), which a learner process (no replay in it) does not pay.
     frames = {g: encoded_batches(pools[g], args.batch, args.batches) for g in pools}
     rows = [loader_stage(g, frames[g], specs[g], args.batch, args) for g in ("pong", "mspacman")]
     scale = loader_scaling(frames["pong"], specs["pong"], args.scaling_batches)

@@ -211,6 +211,11 @@ class LearnerConfig(Common):
     amp: Literal["auto", "on", "off"] = _f("auto", "bf16 mixed precision and channels-last convolutions "
                                                    "(auto: on for cuda)")
     max_learner_steps: int = _f(0, "stop after this many learner steps (0: run until stopped)")
+    loss_every: int = _f(50, "learner steps between reads of the training loss on CUDA (copied to the host "
+                             "behind the step, never waited for; on the CPU every step's is read)")
+    compile: bool = _f(False, "CUDA only: capture the training step's loss, forward and backward, with "
+                              "torch.compile mode reduce-overhead (replayed as CUDA graphs; the first steps "
+                              "compile for tens of seconds, each new batch size recompiles); refused on the CPU")
     max_staleness: int = _f(32, "asynchronous algorithms: gradients computed more than this many updates "
                                 "ago (weights versions) are dropped and counted")
     rmsprop_alpha: float = _f(0.95, "RMSProp's decay of its squared-gradient statistics (--optimizer rmsprop; "
@@ -648,6 +653,12 @@ def validate(cfg: Any) -> None:
              f"must be >= 1 (learner steps between target syncs), got {cfg.target_update}")
         need(0 <= cfg.grad_clip < math.inf, "grad_clip", f"must be >= 0 (0: no clipping), got {cfg.grad_clip}")
         at_least(0, "max_learner_steps")
+        at_least(1, "loss_every")
+        need(not cfg.compile or cfg.device != "cpu", "compile",
+             "captures the step in CUDA graphs, which needs --device cuda (on the CPU the step runs eager: drop "
+             "--compile)")
+        need(not cfg.compile or not is_async(cfg), "compile",
+             f"--algo {cfg.algo} applies gradients (a parameter server): no training step to capture")
     if isinstance(cfg, ActorConfig):
         within("eps_base", 0.0, 1.0)
         at_least(0, "eps_alpha", "max_actor_steps")

@@ -136,16 +136,22 @@ def resample_noise(net: nn.Module, batch: int | None = None,
         m.reset_noise(batch, generator)
 
 
-def resample_shared_noise(layers: list[NoisyLinear]) -> None:
+def resample_shared_noise(layers: list[NoisyLinear], in_place: bool = False) -> None:
     """``reset_noise()`` (one sample for the whole batch) on each of ``layers``, drawn as one tensor:
-    the same distribution in a few kernels, not a dozen per layer (a learner step resamples 8 layers)."""
+    the same distribution in a few kernels, not a dozen per layer (a learner step resamples 8 layers).
+    ``in_place``: copied into the noise buffers of the shared shape (a step captured in CUDA graphs reads
+    them at fixed addresses), at one more kernel per buffer; else the buffers become views of the draw."""
     if not layers:
         return
     w = layers[0].weight_mu
     sizes = [n for m in layers for n in (m.in_features, m.out_features)]
     eps = NoisyLinear._f(torch.randn(sum(sizes), device=w.device)).to(w.dtype).split(sizes)
     for i, m in enumerate(layers):
-        m.eps_in, m.eps_out = eps[2 * i], eps[2 * i + 1]
+        if in_place and m.eps_in.shape == eps[2 * i].shape and m.eps_out.shape == eps[2 * i + 1].shape:
+            m.eps_in.copy_(eps[2 * i])
+            m.eps_out.copy_(eps[2 * i + 1])
+        else:
+            m.eps_in, m.eps_out = eps[2 * i], eps[2 * i + 1]
 
 
 def _linear(in_features: int, out_features: int, noisy: bool, sigma0: float) -> nn.Module:

@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (str(ROOT), str(ROOT / "tests")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+# Moved to the front even when already on the path (PYTHONPATH=ROOT puts it behind the script's bench/), the
+# root ahead of bench/: bench/replay_server.py would otherwise hide the replay_server package.
+for p in (str(ROOT / "tests"), str(ROOT)):
+    if p in sys.path:
+        sys.path.remove(p)
+    sys.path.insert(0, p)
 
 from conftest import endpoint_flags, free_port_base  # noqa: E402,F401
 

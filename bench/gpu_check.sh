@@ -9,6 +9,10 @@
 #               batches on the GPU: fp32, bf16 (autocast + channels-last, as
 #               the learner), bf16 + one CUDA graph per step, bf16 +
 #               torch.compile; each variant guarded, a failure is recorded
+#   standalone_async  the learner program's own step (priorities back behind an       75 s
+#               event, no host sync per step) without and with --compile (torch.compile
+#               reduce-overhead: CUDA graphs), next to bf16 read back every step
+#               (standalone_async.json)
 #   standalone_rainbow, standalone_iqn: the same for --algo rainbow and iqn,       40 s each
 #               fp32 and bf16 (standalone_<algo>.json)
 #   pipeline    the learner program in a live system (replay server, a          75 s
@@ -20,17 +24,17 @@
 # The whole run keeps to APEX_GPU_BUDGET_S (570 s) from its start: each step's timeout is cut to what
 # is left, and the Pong run gets what the earlier steps left (at most 420 s; less when the venv had
 # to be built; skipped under 60 s). With the venv in place and every step at its timeout, Pong still
-# gets ~255 s: 10 + 30 + 90 + 2 x 40 + 75 + (255 + 25) + 5 = 570 s; typically the steps finish early and Pong
-# gets ~390 s (10 + 5 + ~60 + ~50 + ~50 + 390 + 5).
+# gets ~180 s: 10 + 30 + 90 + 75 + 2 x 40 + 75 + (180 + 25) + 5 = 570 s; typically the steps finish early and
+# Pong gets ~345 s (10 + 5 + ~60 + ~45 + ~50 + ~50 + 345 + 5).
 #
-# OUTDIR gets: system.txt, torch_info.json, standalone.json, standalone_rainbow.json, standalone_iqn.json,
-# pipeline.json, pong.json, eval.csv,
+# OUTDIR gets: system.txt, torch_info.json, standalone.json, standalone_async.json, standalone_rainbow.json,
+# standalone_iqn.json, pipeline.json, pong.json, eval.csv,
 # metrics_tail.csv, pong/ (the run directory, less its checkpoints), pong_logs/ (role log tails),
 # logs/<step>.log, steps.tsv (step, rc, seconds, timeout), summary.txt (key=value figures) and
 # summary.json. Exit status 0 when every step succeeded.
 #
 # APEX_GPU_DRY_RUN=1 bench/gpu_check.sh OUTDIR: the same steps and files on the CPU with tiny settings
-# (device cpu, batch 8, a few steps, no torch.compile, the training run = CartPole-v1 for 25 s with one
+# (device cpu, batch 8, a few steps, no torch.compile, budget 200 s, the training run = CartPole-v1 for 25 s with one
 # actor; 25 s: a loaded 2-core machine takes ~10 s to start the learner), to test the plumbing without a GPU (tests/test_gpu_check.py).
 # Other knobs: APEX_GPU_BUDGET_S, APEX_GPU_PONG_SECONDS (420), APEX_GPU_ACTORS (cores - 4),
 # APEX_GPU_VARIANTS (fp32,bf16,bf16_graph,bf16_compile; also fp32_graph, bf16_compile_max,
@@ -57,8 +61,8 @@ FAILED=0
 
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu BATCH=8 TRAIN_ENV=CartPole-v1 ACTORS="${APEX_GPU_ACTORS:-1}"
-  BUDGET="${APEX_GPU_BUDGET_S:-170}" PONG_MAX="${APEX_GPU_PONG_SECONDS:-25}" PONG_MIN=10
-  T_STANDALONE=45 T_PIPELINE=70 T_ALGO=40
+  BUDGET="${APEX_GPU_BUDGET_S:-200}" PONG_MAX="${APEX_GPU_PONG_SECONDS:-25}" PONG_MIN=10
+  T_STANDALONE=45 T_PIPELINE=70 T_ALGO=40 T_ASYNC=40
   STANDALONE_FLAGS=(--seconds 0.5 --min-steps 3 --warmup 1 --no-compile)
   PIPELINE_FLAGS=(--fill 256 --pool 2 --envs 4 --seconds 3 --standalone-seconds 0.5 --warmup-steps 3 --timeout 40)
   PIPELINE_MODE="${APEX_GPU_PIPELINE:-own}"  # learner_pipeline.py's 40 x 32-env chunks take minutes here
@@ -67,7 +71,7 @@ else
   DEVICE=cuda BATCH=512 TRAIN_ENV=ALE/Pong-v5
   ACTORS="${APEX_GPU_ACTORS:-$(( CORES > 5 ? CORES - 4 : 1 ))}"
   BUDGET="${APEX_GPU_BUDGET_S:-570}" PONG_MAX="${APEX_GPU_PONG_SECONDS:-420}" PONG_MIN=60
-  T_STANDALONE=90 T_PIPELINE=75 T_ALGO=40
+  T_STANDALONE=90 T_PIPELINE=75 T_ALGO=40 T_ASYNC=75
   STANDALONE_FLAGS=(--seconds 4 --min-steps 10 --warmup 5)
   PIPELINE_FLAGS=(--fill 50000 --pool 12 --envs 32 --seconds 15 --standalone-seconds 5 --warmup-steps 20 --timeout 40)
   PIPELINE_MODE="${APEX_GPU_PIPELINE:-auto}"
@@ -174,6 +178,12 @@ if [ "$TORCH_OK" = 1 ]; then
   run_step standalone "$T_STANDALONE" "$PY" bench/gpu_learner.py standalone --device "$DEVICE" --batch "$BATCH" \
     --variants "$VARIANTS" --budget $(( T_STANDALONE - 10 )) "${STANDALONE_FLAGS[@]}" --out "$OUT/standalone.json"
 
+  # ---- (a1) the learner program's step: priorities back without a host sync, without and with --compile
+  # (the compiled one is compile time plus a few seconds: the compile floor is what its budget leaves)
+  run_step standalone_async "$T_ASYNC" "$PY" bench/gpu_learner.py standalone --device "$DEVICE" --batch "$BATCH" \
+    --variants bf16,bf16_async,bf16_async_compile --budget $(( T_ASYNC - 10 )) --compile-min-s 20 \
+    "${STANDALONE_FLAGS[@]}" --out "$OUT/standalone_async.json"
+
   # ---- (a2) the other learning rules' standalone steps (float32 and bf16 mixed precision)
   for ALGO in rainbow iqn; do
     run_step "standalone_$ALGO" "$T_ALGO" "$PY" bench/gpu_learner.py standalone --algo "$ALGO" --device "$DEVICE" \
@@ -259,6 +269,21 @@ if not s.get("variants"):
 if "best" in s:
     lines.append(f"standalone best: {s['best']['variant']} steps_per_s={s['best']['steps_per_s']:.1f} "
                  f"(device={s.get('device')} batch={s.get('batch')})")
+a = load("standalone_async.json")  # the learner program's step: no host sync, without and with --compile
+summary["standalone_async"] = {}
+for name, v in a.get("variants", {}).items():
+    ok = v.get("status") == "ok"
+    summary["standalone_async"][name] = v["steps_per_s"] if ok else v.get("status")
+    lines.append(f"standalone async {name}: " + (f"steps_per_s={v['steps_per_s']:.1f} "
+                 f"ms_per_step={v['ms_per_step']:.3f}" if ok else f"{v.get('status')} "
+                 f"{v.get('error') or v.get('reason') or ''}".rstrip()))
+rates = summary["standalone_async"]
+if all(isinstance(rates.get(k), float) for k in ("bf16", "bf16_async")):
+    lines.append(f"standalone async: no_sync_vs_sync={rates['bf16_async'] / rates['bf16']:.2f}" +
+                 (f" compile_vs_no_compile={rates['bf16_async_compile'] / rates['bf16_async']:.2f}"
+                  if isinstance(rates.get("bf16_async_compile"), float) else ""))
+if not a.get("variants"):
+    lines.append(f"standalone async: {a.get('status', 'missing')}")
 for algo in ("rainbow", "iqn"):  # the other learning rules' steps, float32 and bf16
     a = load(f"standalone_{algo}.json")
     summary[f"standalone_{algo}"] = {}

@@ -10,7 +10,10 @@ ALE/Pong-v5, random uint8 batches already on the device, priorities and loss cop
 as the learner does) in several variants: ``fp32``; ``bf16`` (autocast and channels-last, what the
 learner runs on CUDA); ``bf16_graph`` / ``fp32_graph`` (the same step captured whole in a CUDA graph,
 Adam ``capturable``); ``bf16_compile`` (``torch.compile`` of the network, mode ``--compile-mode``),
-``bf16_compile_max`` (max-autotune-no-cudagraphs), ``bf16_compile_ro`` (reduce-overhead). Each variant
+``bf16_compile_max`` (max-autotune-no-cudagraphs), ``bf16_compile_ro`` (reduce-overhead); ``bf16_async``
+(the learner program's own step: ``step_tensors`` with the priorities copied back behind an event, no sync
+per step, ``learner.readback``) and ``bf16_async_compile`` (the same with ``--compile``: the loss's forward
+and backward captured by torch.compile mode reduce-overhead, CUDA graphs; CUDA only). Each variant
 is guarded: a failure is recorded in its entry and the next one runs; the JSON is rewritten after every
 variant (an entry left ``running`` was cut off by the step's timeout).
 
@@ -41,9 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, feed, live_endpoints, real_chunks, wait_for_metric  # noqa: E402
 
 ENV = "ALE/Pong-v5"
-VARIANTS = ("fp32", "bf16", "fp32_graph", "bf16_graph", "bf16_compile", "bf16_compile_max", "bf16_compile_ro")
+VARIANTS = ("fp32", "bf16", "fp32_graph", "bf16_graph", "bf16_compile", "bf16_compile_max", "bf16_compile_ro",
+            "bf16_async", "bf16_async_compile")
 COMPILE_MODES = {"bf16_compile": None, "bf16_compile_max": "max-autotune-no-cudagraphs",
                  "bf16_compile_ro": "reduce-overhead"}
+ASYNC_VARIANTS = {"bf16_async": False, "bf16_async_compile": True}  # name -> --compile
 
 
 def write_json(path: str | Path, data: dict) -> None:
@@ -188,10 +193,40 @@ def measure(step, batches, seconds: float, min_steps: int, warmup: int, sync) ->
             "seconds": dt, "warmup_s": warm, "loss_finite": math.isfinite(loss)}
 
 
+def async_step(learner, device, loss_every: int):
+    """The learner program's step (``learner.main.train``'s): priorities and every ``loss_every``-th loss
+    copied back without a sync, at most ``MAX_PENDING`` steps in flight; returns (step, sync)."""
+    import torch
+
+    from learner.main import MAX_PENDING
+    from learner.readback import PendingUpdates, copier_for
+    pending = PendingUpdates(copier_for(device, MAX_PENDING + 1), MAX_PENDING, loss_every)
+    loss = [float("nan")]
+
+    def take(updates) -> None:
+        for u in updates:
+            if u.loss is not None:
+                loss[0] = u.loss
+
+    def step(b):
+        take(pending.push(b, learner.steps, learner.step_tensors(b)))
+        return None, loss[0]
+
+    def sync() -> None:
+        take(pending.drain())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return step, sync
+
+
 def run_variant(name: str, spec, cfg, device, batch: int, args) -> dict:
+    import dataclasses
+
     import torch
     amp = name.startswith("bf16")
     channels_last = amp and spec.atari  # as LearnerCore: channels-last goes with mixed precision
+    if ASYNC_VARIANTS.get(name):
+        cfg = dataclasses.replace(cfg, compile=True)
     learner = make_learner(spec, cfg, device, amp, channels_last)
     batches = [random_batch(spec, batch, device, channels_last, seed) for seed in (1, 2)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -206,7 +241,12 @@ def run_variant(name: str, spec, cfg, device, batch: int, args) -> dict:
         learner.net = torch.compile(learner.net, mode=mode)
         learner.target = torch.compile(learner.target, mode=mode)
         extra["compile_mode"] = mode or "default"
-    warmup = args.warmup + (2 if name in COMPILE_MODES else 0)
+    elif name in ASYNC_VARIANTS:
+        loss_every = cfg.loss_every if device.type == "cuda" else 1  # as LearnerCore.pending_updates
+        step, sync = async_step(learner, device, loss_every)
+        extra.update(compile=learner.compiled, loss_every=loss_every)
+    # compiled: the first call compiles; reduce-overhead records its graphs on the next ones
+    warmup = args.warmup + (2 if name in COMPILE_MODES else 3 if ASYNC_VARIANTS.get(name) else 0)
     res = measure(step, batches, args.seconds, args.min_steps, warmup, sync)
     return {**res, "amp": amp, "channels_last": channels_last, **extra}
 
@@ -248,11 +288,12 @@ def cmd_standalone(args: argparse.Namespace) -> int:
                 entry = {"status": "error", "error": f"unknown variant (known: {', '.join(VARIANTS)})"}
             elif cfg.algo != "dqn" and (name.endswith("_graph") or name in COMPILE_MODES):
                 entry = {"status": "skipped", "reason": "the graphed and compiled steps are dqn's only"}
-            elif name.endswith("_graph") and device.type != "cuda":
+            elif (name.endswith("_graph") or ASYNC_VARIANTS.get(name)) and device.type != "cuda":
                 entry = {"status": "skipped", "reason": "CUDA graphs need a CUDA device"}
-            elif name in COMPILE_MODES and args.no_compile:
+            elif (name in COMPILE_MODES or ASYNC_VARIANTS.get(name)) and args.no_compile:
                 entry = {"status": "skipped", "reason": "torch.compile off (--no-compile)"}
-            elif left < (args.compile_min_s if name in COMPILE_MODES else args.seconds + 3):
+            elif left < (args.compile_min_s if name in COMPILE_MODES or ASYNC_VARIANTS.get(name)
+                         else args.seconds + 3):
                 entry = {"status": "skipped", "reason": f"time budget ({left:.0f}s left)"}
             else:
                 entry = run_variant(name, spec, cfg, device, args.batch, args)
@@ -263,7 +304,7 @@ def cmd_standalone(args: argparse.Namespace) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
-            if name in COMPILE_MODES:
+            if name in COMPILE_MODES or ASYNC_VARIANTS.get(name):
                 torch._dynamo.reset()
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()

@@ -1,9 +1,9 @@
 """The learner's seam for learning rules (``--algo``).
 
 A learning rule is the only part of the learner that knows the algorithm: it builds its networks, takes
-one training step on a prioritized batch and returns the batch's new priorities and the loss, names the
-network the actors and the evaluator act with (broadcast as weights), and gives the state a checkpoint
-keeps. The program (``learner.main``) wires sockets, loaders, checkpoints and telemetry around any rule,
+one training step on a prioritized batch and returns the batch's new priorities and the loss (as device
+tensors: ``step_tensors``; ``step`` reads them back), names the network the actors and the evaluator act
+with (broadcast as weights), and gives the state a checkpoint keeps. The program (``learner.main``) wires sockets, loaders, checkpoints and telemetry around any rule,
 so a new algorithm is a new file here plus a line in ``RULES``.
 
 The asynchronous family (a3c, nstep_q, onestep_q, onestep_sarsa) has no batches to learn from: its rule
@@ -37,7 +37,11 @@ class LearningRule(Protocol):
     steps: int      # training steps taken (the weights version)
 
     def step(self, b: Batch) -> tuple[np.ndarray, float]:
-        """One training step on ``b``; returns (new priority per item of ``b.ids``, loss)."""
+        """One training step on ``b``; returns (new priority per item of ``b.ids``, loss), read back."""
+
+    def step_tensors(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``step`` without reading back: (new priority per item [B] float32, loss []) on the training
+        device (the learner program copies them off it without waiting: ``readback``)."""
 
     def state_dict(self) -> dict:
         """Everything needed to resume (networks, optimizer, counters)."""
@@ -52,8 +56,10 @@ def _network(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, channels
 
 
 def _common(cfg: C.LearnerConfig, amp: bool) -> dict:
+    # --compile: mode reduce-overhead, torch.compile's CUDA-graph mode (LearnerCore allows it on CUDA only)
     return dict(optimizer=cfg.optimizer, lr=cfg.lr, target_update=cfg.target_update, grad_clip=cfg.grad_clip,
-                amp=amp, adam_eps=cfg.adam_eps, rmsprop_alpha=cfg.rmsprop_alpha, rmsprop_eps=cfg.rmsprop_eps)
+                amp=amp, adam_eps=cfg.adam_eps, rmsprop_alpha=cfg.rmsprop_alpha, rmsprop_eps=cfg.rmsprop_eps,
+                compile_options=dict(mode="reduce-overhead") if cfg.compile else None)
 
 
 def build_dqn(spec: EnvSpec, cfg: C.LearnerConfig, device: torch.device, amp: bool,

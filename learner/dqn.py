@@ -81,7 +81,7 @@ class DQNLearner:
 
     def __init__(self, net: nn.Module, optimizer: str, lr: float, target_update: int,
                  grad_clip: float, amp: bool = False, adam_eps: float = 1.5e-4, rmsprop_alpha: float = 0.95,
-                 rmsprop_eps: float = 1.5e-7) -> None:
+                 rmsprop_eps: float = 1.5e-7, compile_options: dict | None = None) -> None:
         self.net = net
         # Mixed precision: bf16 autocast for the forward passes (no loss scaling needed, unlike
         # fp16); parameters, optimizer state and the loss reduction stay float32.
@@ -101,10 +101,14 @@ class DQNLearner:
         self.steps = 0
         # Found once (the module trees do not change): walking them every step cost ~3% of a small step.
         self._noisy = noisy_layers(self.net) + noisy_layers(self.target)
+        # --compile: torch.compile's keyword arguments for the forward and backward of the loss (the
+        # learner's mode reduce-overhead replays them as CUDA graphs); None: eager.
+        self.compiled = compile_options is not None
+        self._loss = torch.compile(self.batch_loss, **compile_options) if self.compiled else self.batch_loss
 
     def resample_noise(self) -> None:
         """Fresh noise (one sample for the whole batch) in every noisy layer of both networks."""
-        resample_shared_noise(self._noisy)
+        resample_shared_noise(self._noisy, in_place=self.compiled)
 
     def per_sample(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss [B] to weight and minimise, new priority [B]): the part of a step each rule defines.
@@ -112,11 +116,21 @@ class DQNLearner:
         td = double_dqn_td(self.net, self.target, b).float()
         return F.smooth_l1_loss(td, torch.zeros_like(td), reduction="none"), td.detach().abs()
 
-    def step(self, b: Batch) -> tuple[np.ndarray, float]:
-        """One gradient step; returns (new priority per item, loss)."""
+    def batch_loss(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(IS-weighted mean loss, new priority per item in float32): the part of a step ``--compile``
+        captures (no host reads, no changes to module state)."""
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             losses, priorities = self.per_sample(b)
-        loss = (b.weight * losses.float()).mean()
+        return (b.weight * losses.float()).mean(), priorities.detach().float()
+
+    def step_tensors(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One gradient step; returns (new priority per item [B], loss []) on the training device, not read
+        back: reading them waits for the device (``readback.PendingUpdates`` copies them without waiting)."""
+        # Fresh noise before the (possibly captured) loss: written into the noise buffers in place.
+        self.resample_noise()
+        if self.compiled:  # the previous step's graph outputs are no longer read: the graphs may reuse them
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, priorities = self._loss(b)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.clip_grad_norm_(self.grad_clip)
@@ -124,7 +138,12 @@ class DQNLearner:
         self.steps += 1
         if self.steps % self.target_update == 0:
             self.target.load_state_dict(self.net.state_dict())
-        return priorities.float().cpu().numpy(), float(loss.detach())
+        return priorities, loss.detach()
+
+    def step(self, b: Batch) -> tuple[np.ndarray, float]:
+        """One gradient step; returns (new priority per item, loss), read back at once (tests, benches)."""
+        priorities, loss = self.step_tensors(b)
+        return priorities.cpu().numpy(), float(loss)
 
     def state_dict(self) -> dict:
         """Everything needed to resume: networks, optimizer, counters, RNG (CUDA's too, where there is one:

@@ -26,7 +26,6 @@ class IQNLearner(DQNLearner):
         self.n, self.n_prime, self.k, self.kappa = n, n_prime, k, kappa
 
     def per_sample(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        self.resample_noise()
         loss = iqn_loss(self.net, self.target, b.obs, b.action, b.ret, b.disc, b.next_obs,
                         n=self.n, n_prime=self.n_prime, k=self.k, kappa=self.kappa)
         return loss, loss.detach()

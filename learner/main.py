@@ -9,9 +9,8 @@ import math
 import queue
 import sys
 import time
-from typing import NoReturn
+from typing import Callable, NoReturn
 
-import numpy as np
 import torch
 
 from apex_zmq import checkpoint, flow, optim
@@ -23,6 +22,11 @@ from apex_zmq.wire import PriorityUpdate, Telemetry, Weights, WireError, decode_
 
 from .algos import make_rule
 from .dqn import Batch, batch_from_sample
+from .readback import PendingUpdates, Update, copier_for
+
+# Priority updates the training thread may leave in flight on a GPU: it runs at most this many steps ahead
+# of the device (a small bound: each pending step holds its batch's device memory until it has run).
+MAX_PENDING = 4
 
 
 def pick_device(name: str) -> torch.device:
@@ -44,6 +48,9 @@ class LearnerCore:
         self.amp = cfg.amp == "on" or (cfg.amp == "auto" and self.device.type == "cuda")
         # channels-last lets cuDNN pick its fastest (tensor-core) convolutions under mixed precision.
         self.channels_last = self.amp and self.spec.atari
+        if cfg.compile and self.device.type != "cuda":  # --device auto on a machine without CUDA
+            self._refuse(f"--compile captures the step in CUDA graphs; this learner trains on {self.device} "
+                         f"(no CUDA device): drop --compile")
         self.learner = make_rule(self.spec, cfg, self.device, self.amp, self.channels_last)
         self.ckpt_path = checkpoint.last_path(cfg.run_dir)
         self.resumed_from = -1
@@ -100,6 +107,13 @@ class LearnerCore:
         return encode(Weights(sender="learner", seq=seq, version=self.learner.steps, names=names,
                               arrays=arrays, incarnation=self.incarnation))
 
+    def pending_updates(self) -> PendingUpdates:
+        """The FIFO of priority updates for this device: on a GPU up to ``MAX_PENDING`` in flight and the
+        loss read every ``--loss-every`` steps; on the CPU each update leaves after its step, with its loss."""
+        cuda = self.device.type == "cuda"
+        return PendingUpdates(copier_for(self.device, MAX_PENDING + 1), MAX_PENDING,
+                              self.cfg.loss_every if cuda else 1)
+
     def save(self) -> None:
         """Write ``last.pt`` atomically."""
         state = self.learner.state_dict()
@@ -109,6 +123,50 @@ class LearnerCore:
         state["env_module"] = self.cfg.env_module  # what play imports to make a custom env
         state["net_options"] = C.net_options(self.cfg)  # what play builds the network with
         checkpoint.save_atomic(state, self.ckpt_path)
+
+
+def train(core: LearnerCore, next_batch: Callable[[], Batch | None], send: Callable[[list], object],
+          publish: Callable[[list], None], stopped: Callable[[], bool],
+          pending: PendingUpdates | None = None) -> None:
+    """The training thread's loop: a batch from ``next_batch`` (None: stop), one step of the rule, its
+    priority update to ``send`` (encoded frames; in training order, each batch's once, through
+    ``pending``: on a GPU once its copy to the host has finished), weights (encoded) to ``publish``
+    and a checkpoint on their periods; until ``stopped()`` or ``--max-learner-steps``. The updates
+    still pending are sent and a checkpoint written at the end."""
+    cfg, learner = core.cfg, core.learner
+    pending = pending if pending is not None else core.pending_updates()
+
+    def out(updates: list[Update]) -> None:
+        for u in updates:
+            if u.loss is not None:
+                core.loss = u.loss
+            # no hop to the event loop: ZeroMQ's own I/O thread sends it
+            send(encode(PriorityUpdate(sender="learner", seq=u.seq, ids=u.ids, priority=u.priority,
+                                       incarnation=u.incarnation, remove=u.remove)))
+
+    last_weights = last_ckpt = time.monotonic()
+    while not stopped() and (cfg.max_learner_steps == 0 or learner.steps < cfg.max_learner_steps):
+        t0 = time.perf_counter()
+        b = next_batch()
+        if b is None:
+            break
+        t1 = time.perf_counter()
+        if learner.steps > max(core.resumed_from, 0):  # waiting for the very first batch is start-up
+            core.wait_s += t1 - t0
+        result = learner.step_tensors(b) if len(b.ids) else None
+        updates = pending.push(b, learner.steps, result)  # may wait for the oldest update's copy
+        core.train_s += time.perf_counter() - t1
+        core.bad_items += len(b.bad_ids)
+        out(updates)
+        now = time.monotonic()
+        if now - last_weights >= cfg.weights_period:
+            publish(core.weights(learner.steps))
+            last_weights = now
+        if now - last_ckpt >= cfg.checkpoint_period:
+            core.save()
+            last_ckpt = now
+    out(pending.drain())
+    core.save()
 
 
 async def main_async(cfg: C.LearnerConfig) -> None:
@@ -162,30 +220,8 @@ async def main_async(cfg: C.LearnerConfig) -> None:
     next_batch = (lambda: get_until(batch_q, stop)) if cfg.loader_threads else (lambda: receive(samples[0]))
 
     def trainer() -> None:
-        learner = core.learner
-        last_weights = last_ckpt = time.monotonic()
-        while not stop.is_set() and (cfg.max_learner_steps == 0 or learner.steps < cfg.max_learner_steps):
-            t0 = time.perf_counter()
-            b = next_batch()
-            if b is None:
-                break
-            t1 = time.perf_counter()
-            if learner.steps > max(core.resumed_from, 0):  # waiting for the very first batch is start-up
-                core.wait_s += t1 - t0
-            new_prios, core.loss = learner.step(b) if len(b.ids) else (np.zeros(0, np.float32), core.loss)
-            core.train_s += time.perf_counter() - t1
-            core.bad_items += len(b.bad_ids)
-            msg = encode(PriorityUpdate(sender="learner", seq=learner.steps, ids=b.ids, priority=new_prios,
-                                        incarnation=b.incarnation, remove=b.bad_ids))
-            send_until(prios, msg, stop)  # no hop to the event loop: ZeroMQ's own I/O thread sends it
-            now = time.monotonic()
-            if now - last_weights >= cfg.weights_period:
-                latest["frames"] = core.weights(learner.steps)
-                last_weights = now
-            if now - last_ckpt >= cfg.checkpoint_period:
-                core.save()
-                last_ckpt = now
-        core.save()
+        train(core, next_batch, lambda msg: send_until(prios, msg, stop),
+              lambda frames: latest.__setitem__("frames", frames), stop.is_set)
 
     async def publish() -> None:
         # Republished every period, so an actor that joins late gets weights within one period.

@@ -21,5 +21,4 @@ class RainbowLearner(DQNLearner):
     """``DQNLearner`` with Rainbow's loss and KL priorities; fresh noise in both networks every step."""
 
     def per_sample(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        self.resample_noise()
         return rainbow_loss_and_priority(self.net, self.target, b.obs, b.action, b.ret, b.disc, b.next_obs)

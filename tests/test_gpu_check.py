@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-DRY_BUDGET_S = 170  # the dry run's default APEX_GPU_BUDGET_S
+DRY_BUDGET_S = 200  # the dry run's default APEX_GPU_BUDGET_S
 
 
 def number(x) -> bool:
@@ -62,8 +62,8 @@ def test_dry_run_steps_within_budget(dry_run):
     out, *_ = dry_run
     rows = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
     steps = {name: (rc, int(secs), int(limit)) for name, rc, secs, limit in rows}
-    assert list(steps) == ["info", "setup", "torch_info", "standalone", "standalone_rainbow", "standalone_iqn",
-                           "pipeline", "pong"]
+    assert list(steps) == ["info", "setup", "torch_info", "standalone", "standalone_async", "standalone_rainbow",
+                           "standalone_iqn", "pipeline", "pong"]
     assert all(rc == "0" for rc, _, _ in steps.values()), steps
     assert sum(secs for _, secs, _ in steps.values()) <= DRY_BUDGET_S
     for name in ("torch_info", "standalone", "pipeline", "pong"):
@@ -82,6 +82,24 @@ def test_dry_run_standalone_figures_of_the_other_learning_rules(dry_run, algo: s
     summary = (out / "summary.txt").read_text()
     assert f"standalone {algo} fp32: steps_per_s=" in summary
     assert json.loads((out / "summary.json").read_text())[f"standalone_{algo}"]["bf16"] > 0
+
+
+def test_dry_run_standalone_figures_without_a_host_sync(dry_run):
+    """The learner program's step (priorities back behind an event) beside bf16 read back every step; the
+    --compile variant (CUDA graphs) is skipped on the CPU."""
+    out, *_ = dry_run
+    s = json.loads((out / "standalone_async.json").read_text())
+    assert s["device"] == "cpu" and s["batch"] == 8
+    v = s["variants"]
+    assert set(v) == {"bf16", "bf16_async", "bf16_async_compile"}
+    for name in ("bf16", "bf16_async"):
+        assert v[name]["status"] == "ok" and v[name]["steps_per_s"] > 0 and v[name]["loss_finite"]
+    assert v["bf16_async"]["compile"] is False and v["bf16_async"]["loss_every"] == 1  # the CPU reads every loss
+    assert v["bf16_async_compile"]["status"] == "skipped"
+    summary = (out / "summary.txt").read_text()
+    assert "standalone async bf16_async: steps_per_s=" in summary
+    assert re.search(r"standalone async: no_sync_vs_sync=[0-9.]+$", summary, re.M)
+    assert number(json.loads((out / "summary.json").read_text())["standalone_async"]["bf16_async"])
 
 
 def test_dry_run_standalone_figures(dry_run):

@@ -14,6 +14,7 @@ from apex_zmq.envs import env_spec
 from apex_zmq.transport import Sockets, install_stop, run_role
 from apex_zmq.wire import Telemetry, WireError, decode_experience, decode_priorities, encode, new_incarnation
 
+from .ledger import SenderLedger
 from .replay import PrioritizedReplay, SampleToInsertRatio, annealed_beta
 
 # Yield to the other tasks after this many back-to-back messages on one socket, so a flood of
@@ -45,6 +46,8 @@ class ReplayService:
         self.counts = {"inserted": 0, "sampled": 0, "updated": 0, "rejected_experience": 0,
                        "rejected_priorities": 0, "stale_incarnation": 0}
         self.batches = 0
+        self.chunks_stored = 0
+        self.ledger = SenderLedger()  # per sender: which chunks were stored (a soak accounts for every lost one)
         # Ids restart (or, from a snapshot, rewind) when this process restarts: updates for the ids of
         # an earlier incarnation would land on other items, so they carry this id and are checked.
         self.incarnation = new_incarnation()
@@ -63,6 +66,8 @@ class ReplayService:
             return False
         n = len(self.replay.add(chunk))
         self.counts["inserted"] += n
+        self.chunks_stored += 1
+        self.ledger.on_chunk(chunk.sender, chunk.seq, n, chunk.incarnation)
         self.limiter.on_insert(n)
         return True
 
@@ -165,7 +170,10 @@ async def main_async(cfg: C.ReplayConfig) -> None:
                          "replay/stale_incarnation": svc.counts["stale_incarnation"],
                          "replay/removed": svc.replay.removed,
                          "replay/samples_per_insert": svc.limiter.ratio,
-                         "replay/samples_per_insert_target": cfg.samples_per_insert})))
+                         "replay/samples_per_insert_target": cfg.samples_per_insert,
+                         # which process these counters are of (a 48-bit id: exact as a float)
+                         "replay/incarnation": svc.incarnation, "replay/chunks_stored": svc.chunks_stored,
+                         **svc.ledger.metrics()})))
 
     async def snapshots() -> None:
         # The copy is taken on the loop (consistent), the slow write runs in a thread meanwhile.

@@ -1,9 +1,16 @@
-"""Per-thread CPU use of live processes from /proc (Linux), for tests and benchmarks of the whole system."""
+"""Live processes seen from /proc and ``ss`` (Linux), for tests and benchmarks of the whole system: per-thread
+CPU use, and per process resident memory, threads, open file descriptors and its TCP sockets' queues.
+
+The parsers (``parse_status``, ``parse_ss``) take text and are pure; the readers around them do the I/O.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -36,3 +43,84 @@ def thread_cpu(pids: dict[str, int], seconds: float) -> dict[str, list[tuple[str
         rows = [(n, (ticks - before[name].get(tid, (n, 0))[1]) / TICK / wall) for tid, (n, ticks) in after[name].items()]
         out[name] = sorted(rows, key=lambda r: -r[1])
     return out
+
+
+# ------------------------------------------------------------------------------- memory, threads, fds
+
+@dataclass(frozen=True)
+class ProcSample:
+    """One look at a process: resident memory, threads and open file descriptors."""
+
+    rss_kb: int
+    threads: int
+    fds: int
+
+
+def parse_status(text: str) -> tuple[int, int]:
+    """(VmRSS in kB, Threads) from the text of /proc/<pid>/status; ValueError if either is missing
+    (a zombie has no VmRSS)."""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    try:
+        return int(fields["VmRSS"].split()[0]), int(fields["Threads"])
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"expected VmRSS and Threads in /proc/<pid>/status, got keys {sorted(fields)[:8]}...") from None
+
+
+def proc_sample(pid: int) -> ProcSample | None:
+    """``pid``'s memory, threads and fds now; None when it is gone (or a zombie)."""
+    try:
+        rss, threads = parse_status(Path(f"/proc/{pid}/status").read_text())
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, ValueError):
+        return None
+    return ProcSample(rss, threads, fds)
+
+
+# ------------------------------------------------------------------------------------ socket queues
+
+@dataclass
+class SocketQueues:
+    """A process's established TCP sockets: how many, and the bytes waiting in their queues."""
+
+    sockets: int = 0
+    recv_max: int = 0   # the fullest receive queue (bytes the process has not read yet)
+    send_max: int = 0   # the fullest send queue (bytes the peer has not acknowledged yet)
+    recv_sum: int = 0
+    send_sum: int = 0
+
+    @property
+    def largest(self) -> int:
+        """The fullest queue of any of its sockets, either way."""
+        return max(self.recv_max, self.send_max)
+
+
+_PID = re.compile(r"pid=(\d+)")
+
+
+def parse_ss(text: str) -> dict[int, SocketQueues]:
+    """pid -> its sockets' queues, from ``ss -Htnp`` output (state, Recv-Q, Send-Q, local, peer, process).
+    A socket that several processes hold counts for each; lines without a process are skipped."""
+    out: dict[int, SocketQueues] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 6 or not parts[1].isdigit() or not parts[2].isdigit():
+            continue
+        recv, send = int(parts[1]), int(parts[2])
+        for pid in {int(p) for p in _PID.findall(" ".join(parts[5:]))}:
+            q = out.setdefault(pid, SocketQueues())
+            q.sockets += 1
+            q.recv_max, q.send_max = max(q.recv_max, recv), max(q.send_max, send)
+            q.recv_sum += recv
+            q.send_sum += send
+    return out
+
+
+def socket_queues(netns: str | None = None) -> dict[int, SocketQueues]:
+    """Every process's TCP socket queues in this network namespace (or in ``netns``), from ``ss``."""
+    argv = ["ss", "-Htnp"]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise RuntimeError(f"`{' '.join(argv)}` exited {r.returncode}: {r.stderr.strip()}")
+    return parse_ss(r.stdout)

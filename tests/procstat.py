@@ -97,26 +97,57 @@ class SocketQueues:
 _PID = re.compile(r"pid=(\d+)")
 
 
-def parse_ss(text: str) -> dict[int, SocketQueues]:
-    """pid -> its sockets' queues, from ``ss -Htnp`` output (state, Recv-Q, Send-Q, local, peer, process).
-    A socket that several processes hold counts for each; lines without a process are skipped."""
-    out: dict[int, SocketQueues] = {}
+@dataclass(frozen=True)
+class TcpSocket:
+    """One TCP socket as ``ss`` shows it."""
+
+    local: str
+    peer: str
+    recv_q: int
+    send_q: int
+    pids: tuple[int, ...]  # the processes holding it (none: its process died, the kernel finishes it)
+
+
+def parse_ss(text: str) -> list[TcpSocket]:
+    """The sockets of ``ss -Htnp`` output (state, Recv-Q, Send-Q, local, peer, process); other lines are
+    skipped."""
+    out = []
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) < 6 or not parts[1].isdigit() or not parts[2].isdigit():
+        if len(parts) < 5 or not parts[1].isdigit() or not parts[2].isdigit():
             continue
-        recv, send = int(parts[1]), int(parts[2])
-        for pid in {int(p) for p in _PID.findall(" ".join(parts[5:]))}:
-            q = out.setdefault(pid, SocketQueues())
-            q.sockets += 1
-            q.recv_max, q.send_max = max(q.recv_max, recv), max(q.send_max, send)
-            q.recv_sum += recv
-            q.send_sum += send
+        pids = tuple(sorted({int(p) for p in _PID.findall(" ".join(parts[5:]))}))
+        out.append(TcpSocket(parts[3], parts[4], int(parts[1]), int(parts[2]), pids))
     return out
 
 
-def socket_queues(netns: str | None = None) -> dict[int, SocketQueues]:
-    """Every process's TCP socket queues in this network namespace (or in ``netns``), from ``ss``."""
+def queues_by_pid(socks: list[TcpSocket]) -> dict[int, SocketQueues]:
+    """pid -> its sockets' queues (a socket that several processes hold counts for each)."""
+    out: dict[int, SocketQueues] = {}
+    for s in socks:
+        for pid in s.pids:
+            q = out.setdefault(pid, SocketQueues())
+            q.sockets += 1
+            q.recv_max, q.send_max = max(q.recv_max, s.recv_q), max(q.send_max, s.send_q)
+            q.recv_sum += s.recv_q
+            q.send_sum += s.send_q
+    return out
+
+
+def draining_by_pid(socks: list[TcpSocket]) -> dict[int, int]:
+    """pid -> how many of its connections lead to a socket no process holds: the peer process died and
+    the kernel is still delivering what it had sent (a descriptor that goes once that is read)."""
+    orphans = {s.local for s in socks if not s.pids}
+    out: dict[int, int] = {}
+    for s in socks:
+        if s.peer in orphans:
+            for pid in s.pids:
+                out[pid] = out.get(pid, 0) + 1
+    return out
+
+
+def tcp_sockets(netns: str | None = None) -> list[TcpSocket]:
+    """Every TCP socket of this network namespace (or of ``netns``), from ``ss``."""
     argv = ["ss", "-Htnp"]
     if netns:
         argv = ["ip", "netns", "exec", netns, *argv]

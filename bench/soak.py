@@ -432,20 +432,6 @@ def act(system: System, f: S.Fault, what: str, open_: dict[S.Fault, S.Done]) -> 
 
 # ------------------------------------------------------------------------------------------ analysis
 
-def backoffs(kill_times: list[float]) -> list[float]:
-    """The launcher's restart delay after each of one role's kills (launch.Supervisor's rule: restarts in
-    a row double it; a role that ran HEALTHY_AFTER_S since its start is no longer in a row)."""
-    out, in_a_row, started = [], 0, float("-inf")
-    for t in kill_times:
-        if t - started > launch.Supervisor.HEALTHY_AFTER_S:
-            in_a_row = 0
-        delay = launch.restart_delay(in_a_row)
-        out.append(delay)
-        in_a_row += 1
-        started = t + delay
-    return out
-
-
 def analyse(roles: list[str], msgs: list[S.Message], done: list[S.Done], samples: list[Sample],
             restarts: dict[str, int], ready: float, horizon: float, args: argparse.Namespace
             ) -> tuple[list[S.RoleReport], dict, list[S.Loss]]:
@@ -461,7 +447,7 @@ def analyse(roles: list[str], msgs: list[S.Message], done: list[S.Done], samples
         r = S.RoleReport(role, restarts=restarts.get(role, 0))
         kills = [d for d in done if d.kind == "kill" and d.role == role]
         r.kills, r.back_s = len(kills), [d.back_s for d in kills]
-        r.backoff_s = backoffs([d.start for d in kills])
+        r.backoff_s = S.backoffs([d.start for d in kills])
         mine = [s for s in samples if s.role == role and s.t >= ready]
         if mine:
             r.rss_mb = (mine[0].rss_kb / 1024, mine[-1].rss_kb / 1024)

@@ -39,6 +39,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from apex_zmq.launch import Supervisor, restart_delay
+
 # -------------------------------------------------------------------------------------------- roles
 
 KINDS = ("actor", "replay_server", "learner", "evaluator")
@@ -136,6 +138,20 @@ class Done:
         return self.back if self.back is not None else horizon
 
 
+def backoffs(kill_times: Sequence[float]) -> list[float]:
+    """The supervisor's restart delay after each of one role's kills (apex_zmq.launch.Supervisor's rule:
+    each restart in a row doubles it; a process that ran HEALTHY_AFTER_S is no longer in a row)."""
+    out, in_a_row, started = [], 0, float("-inf")
+    for t in kill_times:
+        if t - started > Supervisor.HEALTHY_AFTER_S:
+            in_a_row = 0
+        delay = restart_delay(in_a_row)
+        out.append(delay)
+        in_a_row += 1
+        started = t + delay
+    return out
+
+
 # -------------------------------------------------------------------------------------- metrics.csv
 
 @dataclass
@@ -167,11 +183,6 @@ def read_messages(text: str) -> list[Message]:
 def series(messages: Iterable[Message], tag: str) -> list[tuple[float, float]]:
     """(time, value) of every report of ``tag``."""
     return [(msg.t, msg.m[tag]) for msg in messages if tag in msg.m]
-
-
-def first_after(points: Sequence[tuple[float, float]], t: float, ok=lambda v: True) -> float | None:
-    """Time of the first point after ``t`` whose value passes ``ok``."""
-    return next((pt for pt, v in points if pt > t and ok(v)), None)
 
 
 def moving_again(points: Sequence[tuple[float, float]], t: float) -> float | None:

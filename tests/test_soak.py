@@ -48,6 +48,11 @@ def test_schedule_that_cannot_fit_says_what_it_needs() -> None:
         S.chaos_schedule(0, 1000, ["learner", "actor-0"], 1, 0, 0, 10)
 
 
+def test_backoff_doubles_for_kills_in_a_row_only() -> None:
+    # killed 10 s after its restart: in a row (2 s); then it runs past HEALTHY_AFTER_S (60 s): 1 s again
+    assert S.backoffs([100, 111, 300]) == [1.0, 2.0, 1.0]
+
+
 # -------------------------------------------------------------------------------------- metrics.csv
 
 CSV = """time,step,tag,value

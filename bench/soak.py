@@ -108,7 +108,14 @@ class SingleHost:
 
     def pids(self) -> dict[str, int | None]:
         state = self._state()
-        return {r: state.get(r, {}).get("pid") for r in self.roles}
+        return {r: pid if (pid := state.get(r, {}).get("pid")) and self._ours(pid) else None for r in self.roles}
+
+    def _ours(self, pid: int) -> bool:
+        # roles.json lags a death by up to a poll: never signal a pid that is no longer this run's role
+        try:
+            return str(self.run_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
 
     def restarts(self) -> dict[str, int]:
         state = self._state()

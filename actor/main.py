@@ -32,6 +32,7 @@ from apex_zmq.wire import (
     compress_obs,
     encode,
     frame_table,
+    new_incarnation,
 )
 
 from .acting import make_acting
@@ -130,6 +131,7 @@ class ActorCore:
         self.weights_incarnation = -1  # the learner process the weights came from
         self.agent_steps = 0
         self.seq = 0
+        self.incarnation = new_incarnation()  # on every chunk: this process's seq 1, 2, ... told from another's
 
     @property
     def steps(self) -> int:
@@ -200,7 +202,8 @@ class ActorCore:
         data, offsets = frame_table(f.pop("blobs"))
         self.seq += 1
         return ExperienceChunk(sender=self.name, seq=self.seq, obs_shape=self.spec.obs_shape,
-                               obs_dtype=self.spec.obs_dtype, frame_data=data, frame_offsets=offsets, **f)
+                               obs_dtype=self.spec.obs_dtype, frame_data=data, frame_offsets=offsets,
+                               incarnation=self.incarnation, **f)
 
 
 async def main_async(cfg: C.ActorConfig) -> None:
@@ -217,7 +220,9 @@ async def main_async(cfg: C.ActorConfig) -> None:
     stop = asyncio.Event()
     install_stop(stop)
     pending: list = []  # newest decoded weights, handed to the stepping thread
-    counters = {"rejected": 0}
+    # sent_*: handed to ZeroMQ by this process (chunk seq 1..sent_chunks); the replay's replay/from/<name>/*
+    # say which of them it stored, so every lost transition can be counted (bench/soak.py).
+    counters = {"rejected": 0, "sent_chunks": 0, "sent_transitions": 0}
 
     def stepping() -> None:
         # CPU-bound: env stepping and inference, off the event loop. Chunks go straight to the
@@ -227,8 +232,9 @@ async def main_async(cfg: C.ActorConfig) -> None:
                 w = pending.pop()
                 core.set_weights(w.names, w.arrays, w.version, w.incarnation)
             chunk = core.step()
-            if chunk is not None:
-                send_until(exp, encode(chunk), stop)
+            if chunk is not None and send_until(exp, encode(chunk), stop):
+                counters["sent_chunks"] += 1
+                counters["sent_transitions"] += len(chunk.action)
 
     async def report() -> None:
         skip = 4 if core.spec.atari else 1  # env frames per agent step (ALE frame-skip)
@@ -249,7 +255,12 @@ async def main_async(cfg: C.ActorConfig) -> None:
                          "actor/weights_version": core.weights_version,
                          "actor/acting_bits": core.acting.bits, "actor/acting_agreement": core.agreement,
                          "actor/exploration": EXPLORATION_CODES[core.exploration],
-                         "actor/rejected": counters["rejected"]})))
+                         "actor/rejected": counters["rejected"],
+                         # Named per actor: metrics.csv has no sender column, and a soak joins these to replay/from/<name>/*.
+                         f"actor/{core.name}/sent_chunks": counters["sent_chunks"],
+                         f"actor/{core.name}/sent_transitions": counters["sent_transitions"],
+                         f"actor/{core.name}/restart": cfg.restart,
+                         f"actor/{core.name}/incarnation": core.incarnation})))
 
     try:
         await run_role(stop, [take_weights(weights, core, pending, counters), report()], [stepping],

@@ -162,6 +162,9 @@ class ExperienceChunk:
     ret: np.ndarray            # [n] float32, discounted n-step return
     disc: np.ndarray           # [n] float32, bootstrap discount (0 after termination)
     priority: np.ndarray       # [n] float32, initial |TD|
+    # The sending process (a random 48-bit id; 0: not given): tells a restarted actor's chunks, whose seq
+    # starts over, from its old process's still in flight (the replay server counts stored chunks per process).
+    incarnation: int = 0
 
 
 @dataclass
@@ -284,7 +287,8 @@ def _encode_arrays(t: str, header: dict[str, Any], arrays: dict[str, Any]) -> li
 def encode(msg: ExperienceChunk | SampleBatch | PriorityUpdate | Weights | Gradients | Telemetry) -> list[Any]:
     """Encode a message into multipart frames (large arrays are referenced, not copied)."""
     if isinstance(msg, ExperienceChunk):
-        h = _header("experience", msg.sender, msg.seq, shape=list(msg.obs_shape), dtype=msg.obs_dtype)
+        h = _header("experience", msg.sender, msg.seq, shape=list(msg.obs_shape), dtype=msg.obs_dtype,
+                    **({"inc": int(msg.incarnation)} if msg.incarnation else {}))  # optional: absent is 0
         return _encode_arrays("experience", h, vars(msg))
     if isinstance(msg, SampleBatch):
         h = _header("sample", msg.sender, msg.seq, shape=list(msg.obs_shape), dtype=msg.obs_dtype,
@@ -415,7 +419,8 @@ def decode_experience(frames: Frames) -> ExperienceChunk:
     n = _check_transitions(a, h)
     _need(len(a["priority"]) == n, f"priority has {len(a['priority'])} entries, expected {n}")
     _check_priorities(a["priority"])
-    return ExperienceChunk(sender=h["s"], seq=h["q"], obs_shape=shape, obs_dtype=dtype, **a)
+    inc = _incarnation(h) if "inc" in h else 0
+    return ExperienceChunk(sender=h["s"], seq=h["q"], obs_shape=shape, obs_dtype=dtype, incarnation=inc, **a)
 
 
 def decode_sample(frames: Frames) -> SampleBatch:

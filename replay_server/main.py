@@ -13,6 +13,7 @@ from apex_zmq.envs import env_spec
 from apex_zmq.transport import Sockets, install_stop, run_role
 from apex_zmq.wire import Telemetry, WireError, decode_experience, decode_priorities, encode, new_incarnation
 
+from .ledger import SenderLedger
 from .replay import PrioritizedReplay, SampleToInsertRatio, annealed_beta
 
 # Yield to the other tasks after this many back-to-back messages on one socket, so a flood of
@@ -52,6 +53,8 @@ class ReplayService:
         # takes its unanswered batches with it, and they stay counted.
         self.answered = 0
         self.lag_max = 0
+        self.chunks_stored = 0
+        self.ledger = SenderLedger()  # per sender: which chunks were stored (a soak accounts for every lost one)
         # Ids restart (or, from a snapshot, rewind) when this process restarts: updates for the ids of
         # an earlier incarnation would land on other items, so they carry this id and are checked.
         self.incarnation = new_incarnation()
@@ -70,6 +73,8 @@ class ReplayService:
             return False
         n = len(self.replay.add(chunk))
         self.counts["inserted"] += n
+        self.chunks_stored += 1
+        self.ledger.on_chunk(chunk.sender, chunk.seq, n, chunk.incarnation)
         self.limiter.on_insert(n)
         return True
 
@@ -197,7 +202,10 @@ async def main_async(cfg: C.ReplayConfig) -> None:
                          "replay/samples_per_insert": svc.limiter.ratio,
                          "replay/samples_per_insert_target": cfg.samples_per_insert,
                          "replay/batches": svc.batches, "replay/priority_lag": svc.priority_lag,
-                         "replay/priority_lag_max": svc.lag_max})))
+                         "replay/priority_lag_max": svc.lag_max,
+                         # which process these counters are of (a 48-bit id: exact as a float)
+                         "replay/incarnation": svc.incarnation, "replay/chunks_stored": svc.chunks_stored,
+                         **svc.ledger.metrics()})))
 
     async def snapshots() -> None:
         while True:

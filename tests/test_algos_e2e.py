@@ -2,8 +2,8 @@
 CartPole to the 195 mark, and on Atari (Pong) the whole loop turns over with tiny settings; the learner's
 checkpoint records its algorithm and ``apex-zmq play`` plays it.
 
-Slow (each CartPole run takes about 1-2 minutes on 2 busy cores, each Pong smoke run about one; the
-project has no pytest markers): run them alone with ``pytest tests/test_algos_e2e.py``, leave them out with
+Slow (each CartPole run takes about 1-2 minutes on 2 busy cores, each Pong smoke run about one; they
+carry no pytest marker): run them alone with ``pytest tests/test_algos_e2e.py``, leave them out with
 ``--ignore=tests/test_algos_e2e.py``.
 """
 

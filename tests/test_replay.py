@@ -20,6 +20,7 @@ from apex_zmq.wire import (
     encode,
     frame_table,
 )
+from replay_server.ledger import SenderLedger
 from replay_server.replay import PrioritizedReplay, annealed_beta, importance_weights
 
 ALPHA = 0.6
@@ -829,3 +830,27 @@ def test_service_with_every_item_removed_is_not_ready():
     svc.on_experience(encode(simple_chunk(np.ones(2), tag=2)))
     assert svc.ready  # size >= min_size counts stored items, and two are sampleable
     assert set(decode_sample(svc.sample_frames()).ids.tolist()) <= {6, 7}
+
+
+# ---------------------------------------------------------------------------------- the sender ledger
+
+def test_sender_ledger_counts_per_process_gaps_and_restarts() -> None:
+    led = SenderLedger(max_senders=2)
+    for seq in (1, 2, 3, 6, 7):
+        led.on_chunk("actor-0", seq, 10, incarnation=5)
+    led.on_chunk("actor-0", 1, 4, incarnation=9)   # its new process ...
+    led.on_chunk("actor-0", 8, 10, incarnation=5)  # ... while the old one's last chunks still arrive
+    led.on_chunk("actor-1", 5, 8)   # no incarnation, first seen mid-stream (this server started late): no gap
+    led.on_chunk("actor-1", 2, 8)   # its seq went back: a new process
+    led.on_chunk("x", 1, 1)         # a third name: counted, not tracked
+    m = led.metrics()
+    assert m["replay/seq_skipped"] == 2 and m["replay/sender_restarts"] == 2 and m["replay/untracked_chunks"] == 1
+    assert {k: v for k, v in m.items() if "/actor-0/" in k} == {
+        "replay/from/actor-0/5/chunks": 6, "replay/from/actor-0/5/transitions": 60,
+        "replay/from/actor-0/5/first_seq": 1, "replay/from/actor-0/5/last_seq": 8,
+        "replay/from/actor-0/9/chunks": 1, "replay/from/actor-0/9/transitions": 4,
+        "replay/from/actor-0/9/first_seq": 1, "replay/from/actor-0/9/last_seq": 1}
+    assert m["replay/from/actor-1/0/first_seq"] == 2 and "replay/from/x/0/chunks" not in m
+    led.on_chunk("actor-0", 1, 1, incarnation=12)  # a third process: the oldest is forgotten
+    assert sorted(k.split("/")[3] for k in led.metrics() if k.startswith("replay/from/actor-0/") and
+                  k.endswith("/chunks")) == ["12", "9"]

@@ -192,6 +192,20 @@ def test_experience_round_trip_through_zmq_frames():
     np.testing.assert_array_equal(d.priority, c.priority)
 
 
+def test_experience_carries_the_sending_process_only_when_given():
+    """``inc`` (the actor process) is optional: absent (a foreign actor, the PROTOCOL.md example) is 0."""
+    c = make_chunk(cartpole_obs(6))
+    assert "inc" not in msgpack.unpackb(bytes(encode(c)[0])) and decode_experience(encode(c)).incarnation == 0
+    c.incarnation = (1 << 48) - 1
+    assert decode_experience(encode(c)).incarnation == (1 << 48) - 1
+    for bad in (-1, 1.5, True, 1 << 53):
+        frames = encode(c)
+        h = msgpack.unpackb(bytes(frames[0]))
+        h["inc"] = bad
+        with pytest.raises(WireError, match="incarnation"):
+            decode_experience([msgpack.packb(h), *frames[1:]])
+
+
 def test_encode_accepts_int64_and_float64_inputs_and_converts():
     """Arrays are cast to the schema dtype on encode (the actor builds int64 / float64 intermediates)."""
     c = make_chunk(cartpole_obs(6))

@@ -225,8 +225,13 @@ def bound_endpoints(cfg: C.LaunchConfig) -> dict[str, str]:
     (replay algorithms) or the learner's gradients (asynchronous ones), the learner's weights and the
     evaluator's telemetry. (The dashboard is not among them: a taken dashboard port falls back to a
     free one.)"""
-    names = ["gradients"] if C.is_async(cfg) else ["experience", "samples", "priorities"]
-    return {name: getattr(cfg, name) for name in [*names, "weights", "telemetry"]}
+    if C.is_async(cfg):
+        out = {"gradients": cfg.gradients}
+    else:  # every replay shard's three (shard 0's under the plain flag names, as with one shard)
+        out = {(name if i == 0 else f"{name} (replay shard {i})"): ep
+               for i in range(cfg.replay_shards) for name, ep in zip(C.SHARD_ENDPOINTS, (
+                   C.shard_endpoint(getattr(cfg, n), i, cfg.shard_port_step) for n in C.SHARD_ENDPOINTS))}
+    return {**out, "weights": cfg.weights, "telemetry": cfg.telemetry}
 
 
 def _tcp_address(endpoint: str) -> tuple[int, tuple] | None:
@@ -372,8 +377,10 @@ def build_roles(cfg: C.LaunchConfig, config_path: Path, cores: int | None = None
         return Role(name, argv, logs / f"{name}.log", env=env, **kw)
 
     roles = [role("evaluator", "evaluator", echo=True)]
-    if not C.is_async(cfg):  # the asynchronous family learns without replay
+    if not C.is_async(cfg) and cfg.replay_shards == 1:  # the asynchronous family learns without replay
         roles.append(role("replay_server", "replay_server"))
+    elif not C.is_async(cfg):  # sharded replay: one role per shard, each restarted on its own
+        roles += [role(f"replay_server-{i}", "replay_server", "--shard", str(i)) for i in range(cfg.replay_shards)]
     roles.append(role("learner", "learner"))
     roles += [role(f"actor-{i}", "actor", "--actor-index", str(i), tell_restart=True) for i in range(cfg.num_actors)]
     return roles

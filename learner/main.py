@@ -216,6 +216,7 @@ async def main_async(cfg: C.LearnerConfig) -> None:
     install_stop(stop)
     batch_q: queue.Queue = queue.Queue(maxsize=flow.LOADER_QUEUE)
     counts = {"rejected": 0, "priorities_dropped": 0, **{f"from_shard_{i}": 0 for i in range(shards)}}
+    send_wait = [SHARD_SEND_WAIT_S] * shards  # seconds an update to each shard may wait (0: the shard is down)
     masses: list[float | None] = [None] * shards  # each shard's priority mass as its last batch said
     rngs = [np.random.default_rng([cfg.seed, i]) for i in range(len(samples))]
     latest = {"frames": core.weights(0)}
@@ -255,10 +256,11 @@ async def main_async(cfg: C.LearnerConfig) -> None:
     def send_shard(shard: int, frames: list) -> bool:
         """A priority update to its shard, waiting up to SHARD_SEND_WAIT_S; dropped and counted after."""
         sock = prios[shard]
-        deadline = time.monotonic() + SHARD_SEND_WAIT_S
+        deadline = time.monotonic() + send_wait[shard]
         while not stop.is_set():
             try:
                 sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                send_wait[shard] = SHARD_SEND_WAIT_S
                 return True
             except zmq.Again:
                 left = deadline - time.monotonic()
@@ -266,6 +268,7 @@ async def main_async(cfg: C.LearnerConfig) -> None:
                     break
                 sock.poll(int(min(250, left * 1000)) + 1, zmq.POLLOUT)
         counts["priorities_dropped"] += 1
+        send_wait[shard] = 0.0  # down: its next updates are dropped at once until one goes through
         return False
 
     def loader(socks_: list, rng: np.random.Generator) -> None:

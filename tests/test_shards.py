@@ -223,3 +223,26 @@ def test_monitor_totals_over_live_shards() -> None:
     lone = RunMonitor(num_slots=0)
     lone.take(_tel("replay", {"replay/size": 5.0}), now=1.0)
     assert "shards" not in lone.progress_line(1.0) and lone.metrics["replay/size"] == 5.0
+
+
+# ----------------------------------------------------------------------------------------- Slurm
+
+
+def test_sbatch_runs_one_replay_server_per_shard(tmp_path: Path) -> None:
+    from test_deploy import _dry_run, _fake_scontrol, _parse_dry_run
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    env = {**_fake_scontrol(tmp_path, ["cn1", "cn2"]), "SLURM_JOB_NODELIST": "cn[1-2]", "SLURM_JOB_ID": "7",
+           "SLURM_CPUS_ON_NODE": "4", "SLURM_SUBMIT_DIR": "/shared/apex", "APEX_HEAD_ADDR": "10.0.0.1",
+           "APEX_KEYS": str(keys)}
+    proc = _dry_run(env, "--replay-shards", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = _parse_dry_run(proc.stdout)
+    replay = [a for w, a in lines if w == "cn1" and a[1] == "replay_server"]
+    assert [a[a.index("--shard") + 1] for a in replay] == ["0", "1"]
+    for _, argv in lines:  # every role, actors and learner included, knows the shard count
+        if argv[1] in ("replay_server", "learner", "actor"):
+            assert argv[argv.index("--replay-shards") + 1] == "2"
+    one = _parse_dry_run(_dry_run(env).stdout)
+    assert [a for w, a in one if a[1] == "replay_server" and "--shard" in a] == []
+    assert _dry_run(env, "--replay-shards", "0").returncode != 0

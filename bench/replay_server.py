@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, endpoints, free_port_base, print_machine, producer, real_chunks, wait_for_metric  # noqa: E402
+from _common import (ROOT, endpoints, feed, free_port_base, print_machine, producer, real_chunks,  # noqa: E402
+                     wait_for_metric)
 
 ENV = "ALE/Pong-v5"
 
@@ -132,7 +133,7 @@ def shard_consumer(samples: list[str], priorities: list[str], start: mp.Event, s
     out.put(("shard_batches_per_s", counted / (time.monotonic() - t0) if t0 else 0.0))
 
 
-def run_shards(shards: int, size: int, batch: int, rate: float, seconds: float) -> float:
+def run_shards(shards: int, size: int, batch: int, rate: float, seconds: float, chunks: list) -> float:
     """Batches/s that ``shards`` replay servers (``size`` transitions in all) deliver to a cheap consumer."""
     import zmq
 
@@ -154,7 +155,7 @@ def run_shards(shards: int, size: int, batch: int, rate: float, seconds: float) 
             [sys.executable, "-m", "replay_server", "--env", ENV, "--run-dir", tmp, *flags,
              "--replay-shards", str(shards), "--shard", str(i), "--capacity", str(per), "--min-size", str(per),
              "--batch-size", str(batch), "--telemetry-period", "1"], cwd=ROOT) for i in range(shards)]
-        prod = spawn.Process(target=producer, args=(ENV, shard_eps["experience"], 40, size, rate, throttle, stop, out))
+        prod = spawn.Process(target=feed, args=(shard_eps["experience"], chunks, size, rate, throttle, stop, out))
         cons = spawn.Process(target=shard_consumer, args=(shard_eps["samples"], shard_eps["priorities"], start,
                                                           stop, out))
         prod.start()
@@ -288,8 +289,9 @@ def main() -> None:
     args = ap.parse_args()
     print_machine()
     if args.shards:
-        one = run_shards(1, args.size, args.batch, args.insert_rate, args.seconds)
-        many = run_shards(args.shards, args.size, args.batch, args.insert_rate, args.seconds)
+        chunks = real_chunks(ENV, 40)  # made once: both runs resend the same real Pong chunks
+        one = run_shards(1, args.size, args.batch, args.insert_rate, args.seconds, chunks)
+        many = run_shards(args.shards, args.size, args.batch, args.insert_rate, args.seconds, chunks)
         print(f"one_shard_batches_per_s={one:.1f} shards_batches_per_s={many:.1f} [{args.shards} shards] "
               f"shard_ratio={many / one if one else float('nan'):.2f}")
         return

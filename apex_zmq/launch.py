@@ -292,11 +292,14 @@ def _port_span() -> int:
     return max(C.DEFAULT_PORTS.values()) - min(C.DEFAULT_PORTS.values())
 
 
-def free_port_base(start: int) -> int | None:
+def free_port_base(start: int, shards: int = 1, shard_port_step: int = 100) -> int | None:
     """The first ``--port-base`` from ``start`` upwards, in steps of 10, whose loopback ports are all
-    free now (None if none is)."""
-    for base in range(start, 65536 - _port_span(), 10):
-        if not ports_in_use(C.loopback_endpoints(base)):
+    free now, every replay shard's included (None if none is)."""
+    for base in range(start, 65536 - _port_span() - (shards - 1) * shard_port_step, 10):
+        eps = C.loopback_endpoints(base)
+        eps.update({f"{name}-{i}": C.shard_endpoint(eps[name], i, shard_port_step)
+                    for i in range(1, shards) for name in C.SHARD_ENDPOINTS})
+        if not ports_in_use(eps):
             return base
     return None
 
@@ -419,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     taken = ports_in_use(bound_endpoints(cfg))
     if taken:
         base = cfg.port_base or min(C.DEFAULT_PORTS.values())
-        print(ports_in_use_message(taken, free_port_base(base + 10)), file=sys.stderr, flush=True)
+        print(ports_in_use_message(taken, free_port_base(base + 10, cfg.replay_shards, cfg.shard_port_step)),
+              file=sys.stderr, flush=True)
         return C.PORT_IN_USE_EXIT
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -313,6 +313,9 @@ class RunMonitor:
             "series": {role: s.to_json() for role, s in self.series.items()},
             "heartbeats": self.heartbeat_rows(now),
             "rejected": {"telemetry": self.rejected, "episodes": self.rejected_episodes},
+            # sharded replay: each shard's size (None: down); empty with one replay server
+            "replay_shards": [{"sender": sender, "size": finite(size) if size is not None else None}
+                              for sender, size in self.shard_sizes(now)],
         }
 
     def _shards_part(self, now: float) -> str:

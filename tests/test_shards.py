@@ -246,3 +246,13 @@ def test_sbatch_runs_one_replay_server_per_shard(tmp_path: Path) -> None:
     one = _parse_dry_run(_dry_run(env).stdout)
     assert [a for w, a in one if a[1] == "replay_server" and "--shard" in a] == []
     assert _dry_run(env, "--replay-shards", "0").returncode != 0
+
+
+def test_dashboard_state_lists_each_shard() -> None:
+    m = RunMonitor(num_slots=0, heartbeat_timeout=5.0)
+    assert m.state(1.0)["replay_shards"] == []
+    m.take(_tel("replay-1", {"replay/1/size": 7.0, "replay/1/capacity": 10.0}), now=1.0)
+    m.take(_tel("replay-0", {"replay/0/size": 3.0, "replay/0/capacity": 10.0}), now=1.0)
+    st = m.state(2.0)
+    assert st["replay_shards"] == [{"sender": "replay-0", "size": 3.0}, {"sender": "replay-1", "size": 7.0}]
+    assert st["latest"]["replay/size"] == 10.0 and st["latest"]["replay/fill"] == 0.5

@@ -10,6 +10,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from test_faults import Run
 
 
@@ -18,8 +20,10 @@ def _last(run: Run, tag: str) -> float:
     return rows[-1][1] if rows else 0.0
 
 
-def test_two_shards_store_sample_and_survive_a_killed_shard(tmp_path: Path) -> None:
-    run = Run(tmp_path / "run", "--replay-shards", "2", "--num-actors", "1", "--snapshot-period", "0")
+@pytest.mark.parametrize("loaders", ["0", "2"])  # the trainer reads the shards itself, or two loader threads do
+def test_two_shards_store_sample_and_survive_a_killed_shard(tmp_path: Path, loaders: str) -> None:
+    run = Run(tmp_path / "run", "--replay-shards", "2", "--num-actors", "1", "--snapshot-period", "0",
+              "--loader-threads", loaders)
     try:
         for i in (0, 1):  # every shard stores and samples; the learner trains on batches from both
             run.wait(f"shard {i} sampling", lambda i=i: _last(run, f"replay/{i}/sampled") > 0)

@@ -215,6 +215,10 @@ async def main_async(cfg: C.ActorConfig) -> None:
           f"restart {cfg.restart}, seed {core.seed}", flush=True)
     socks = Sockets(cfg.insecure, cfg.keys)
     exp = socks.open(cfg, "actor", "experience", sync=True)  # owned by the stepping thread
+    # Sharded replay: the same PUSH socket connects to every shard, and ZeroMQ deals the chunks round
+    # robin over the shards that are connected and have room (a dead shard gets none: IMMEDIATE).
+    for ep in C.shard_endpoints(cfg, "experience")[1:]:
+        exp.connect(ep)
     weights = socks.open(cfg, "actor", "weights")
     tel = socks.open(cfg, "actor", "telemetry")
     stop = asyncio.Event()

@@ -33,6 +33,39 @@ def endpoint(host: str, port: int) -> str:
     return f"tcp://{host}:{port}"
 
 
+# The endpoints each replay shard binds (shard i: these at an offset, see ``shard_endpoint``).
+SHARD_ENDPOINTS = ("experience", "samples", "priorities")
+
+
+def shard_endpoint(ep: str, shard: int, port_step: int) -> str:
+    """Replay shard ``shard``'s address for the base endpoint ``ep``: a tcp port moved up by
+    ``shard * port_step``, an ipc/inproc name suffixed ``-<shard>``; shard 0 is ``ep`` itself (so one
+    shard binds exactly the endpoints it always did). A tcp endpoint without a fixed port (``*``, 0)
+    cannot be offset: ``ValueError``."""
+    if shard == 0:
+        return ep
+    if ep.startswith(("ipc://", "inproc://")):
+        return f"{ep}-{shard}"
+    head, sep, port = ep.rpartition(":")
+    if not ep.startswith("tcp://") or not sep or not port.isdigit() or int(port) == 0:
+        raise ValueError(f"{ep}: replay shards need a tcp endpoint with a fixed port (or ipc/inproc)")
+    moved = int(port) + shard * port_step
+    if moved > 65535:
+        raise ValueError(f"{ep}: shard {shard} would use port {moved} (> 65535); lower --shard-port-step")
+    return f"{head}:{moved}"
+
+
+def shard_endpoints(cfg: Any, name: str) -> list[str]:
+    """Every replay shard's endpoint for ``name`` (one of ``SHARD_ENDPOINTS``), shard 0 first."""
+    return [shard_endpoint(getattr(cfg, name), i, cfg.shard_port_step) for i in range(cfg.replay_shards)]
+
+
+def for_shard(cfg: Any, shard: int) -> Any:
+    """A copy of ``cfg`` whose replay endpoints are replay shard ``shard``'s (the ones it binds)."""
+    return dataclasses.replace(cfg, **{name: shard_endpoint(getattr(cfg, name), shard, cfg.shard_port_step)
+                                       for name in SHARD_ENDPOINTS})
+
+
 def loopback_endpoints(base_port: int) -> dict[str, str]:
     """Every socket endpoint on loopback from ``base_port`` upwards, at the default ports' offsets
     (tests and ``--port-base``; ``base_port + 5`` stays free, as the relay's port is by default)."""
@@ -135,6 +168,12 @@ class Common:
                             "(0: ./run.sh starts cores - 2, at least 1; a lone actor counts 1)")
     envs_per_actor: int = _f(32, "environments each actor process steps as one batch")
     telemetry_period: float = _f(1.0, "seconds between telemetry reports")
+    replay_shards: int = _f(1, "replay server processes, each its own prioritized replay (sum-tree, FIFO, "
+                               "incarnation): shard i binds --experience, --samples and --priorities moved up "
+                               "by i x --shard-port-step ports; actors spread chunks over them, the learner "
+                               "draws each batch from one shard with probability proportional to its total "
+                               "priority (PROTOCOL.md)")
+    shard_port_step: int = _f(100, "ports between one replay shard's endpoints and the next's (--replay-shards)")
     torch_threads: int = _f(1, "intra-op threads for torch in each worker thread of this process (./run.sh "
                               "sets it per role from its core budget: see --learner-threads)")
 
@@ -188,7 +227,10 @@ class ReplayConfig(Common):
     spi_block_inserts: bool = _f(False, "with --samples-per-insert: also stop taking experience while the "
                                         "actors run ahead of the ratio (they then wait on their send queues)")
     snapshot_period: float = _f(0.0, "seconds between atomic replay snapshots to <run_dir>/replay/"
-                                     "snapshot.npz, restored when the server restarts (0: off)")
+                                     "snapshot.npz (shard i > 0: snapshot-<i>.npz), restored when the "
+                                     "server restarts (0: off)")
+    shard: int = _f(0, "which replay shard this server is, 0..--replay-shards - 1 (./run.sh sets it): it "
+                       "binds that shard's endpoints")
 
 
 @dataclass
@@ -600,6 +642,14 @@ def validate(cfg: Any) -> None:
     need(cfg.n_step >= 1, "n_step", f"must be >= 1, got {cfg.n_step}")
     need(0 < cfg.gamma <= 1, "gamma", f"must be in (0, 1], got {cfg.gamma}")
     at_least(1, "hidden")
+    need(cfg.replay_shards >= 1, "replay_shards", f"must be >= 1, got {cfg.replay_shards}")
+    need(cfg.shard_port_step >= 1, "shard_port_step", f"must be >= 1, got {cfg.shard_port_step}")
+    if cfg.replay_shards > 1 and not isinstance(cfg, RelayConfig):
+        for name in SHARD_ENDPOINTS:
+            try:
+                shard_endpoints(cfg, name)
+            except ValueError as e:
+                raise ConfigError(f"--replay-shards {cfg.replay_shards}: {e}") from None
     positive("telemetry_period")
     for name in BUFFER_FIELDS:  # below the floor Linux would hold its own minimum, not twice the value
         v = getattr(cfg, name)
@@ -671,6 +721,7 @@ def validate(cfg: Any) -> None:
         need(cfg.eval_max_frames >= 0, "eval_max_frames", f"must be >= 0, got {cfg.eval_max_frames}")
     if isinstance(cfg, ReplayConfig):
         at_least(1, "batch_size", "prefetch")
+        need(0 <= cfg.shard < cfg.replay_shards, "shard", f"must be in [0, {cfg.replay_shards}), got {cfg.shard}")
         at_least(0, "alpha", "beta_anneal", "snapshot_period")
         within("beta", 0.0, 1.0)
         need(cfg.capacity >= cfg.batch_size, "capacity",

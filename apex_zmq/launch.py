@@ -225,8 +225,13 @@ def bound_endpoints(cfg: C.LaunchConfig) -> dict[str, str]:
     (replay algorithms) or the learner's gradients (asynchronous ones), the learner's weights and the
     evaluator's telemetry. (The dashboard is not among them: a taken dashboard port falls back to a
     free one.)"""
-    names = ["gradients"] if C.is_async(cfg) else ["experience", "samples", "priorities"]
-    return {name: getattr(cfg, name) for name in [*names, "weights", "telemetry"]}
+    if C.is_async(cfg):
+        out = {"gradients": cfg.gradients}
+    else:  # every replay shard's three (shard 0's under the plain flag names, as with one shard)
+        out = {(name if i == 0 else f"{name} (replay shard {i})"): ep
+               for i in range(cfg.replay_shards) for name, ep in zip(C.SHARD_ENDPOINTS, (
+                   C.shard_endpoint(getattr(cfg, n), i, cfg.shard_port_step) for n in C.SHARD_ENDPOINTS))}
+    return {**out, "weights": cfg.weights, "telemetry": cfg.telemetry}
 
 
 def _tcp_address(endpoint: str) -> tuple[int, tuple] | None:
@@ -287,11 +292,14 @@ def _port_span() -> int:
     return max(C.DEFAULT_PORTS.values()) - min(C.DEFAULT_PORTS.values())
 
 
-def free_port_base(start: int) -> int | None:
+def free_port_base(start: int, shards: int = 1, shard_port_step: int = 100) -> int | None:
     """The first ``--port-base`` from ``start`` upwards, in steps of 10, whose loopback ports are all
-    free now (None if none is)."""
-    for base in range(start, 65536 - _port_span(), 10):
-        if not ports_in_use(C.loopback_endpoints(base)):
+    free now, every replay shard's included (None if none is)."""
+    for base in range(start, 65536 - _port_span() - (shards - 1) * shard_port_step, 10):
+        eps = C.loopback_endpoints(base)
+        eps.update({f"{name}-{i}": C.shard_endpoint(eps[name], i, shard_port_step)
+                    for i in range(1, shards) for name in C.SHARD_ENDPOINTS})
+        if not ports_in_use(eps):
             return base
     return None
 
@@ -372,8 +380,10 @@ def build_roles(cfg: C.LaunchConfig, config_path: Path, cores: int | None = None
         return Role(name, argv, logs / f"{name}.log", env=env, **kw)
 
     roles = [role("evaluator", "evaluator", echo=True)]
-    if not C.is_async(cfg):  # the asynchronous family learns without replay
+    if not C.is_async(cfg) and cfg.replay_shards == 1:  # the asynchronous family learns without replay
         roles.append(role("replay_server", "replay_server"))
+    elif not C.is_async(cfg):  # sharded replay: one role per shard, each restarted on its own
+        roles += [role(f"replay_server-{i}", "replay_server", "--shard", str(i)) for i in range(cfg.replay_shards)]
     roles.append(role("learner", "learner"))
     roles += [role(f"actor-{i}", "actor", "--actor-index", str(i), tell_restart=True) for i in range(cfg.num_actors)]
     return roles
@@ -412,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     taken = ports_in_use(bound_endpoints(cfg))
     if taken:
         base = cfg.port_base or min(C.DEFAULT_PORTS.values())
-        print(ports_in_use_message(taken, free_port_base(base + 10)), file=sys.stderr, flush=True)
+        print(ports_in_use_message(taken, free_port_base(base + 10, cfg.replay_shards, cfg.shard_port_step)),
+              file=sys.stderr, flush=True)
         return C.PORT_IN_USE_EXIT
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

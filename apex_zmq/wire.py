@@ -24,6 +24,7 @@ import numpy as np
 # 2: learner and replay incarnations ("inc") on weights, samples and priority updates; removals
 # ("remove") in priority updates; "clipped_return" in training episodes.
 SCHEMA_VERSION = 2
+MAX_SHARDS = 1024  # replay shards a sample batch may name
 MAX_INCARNATION = 1 << 53  # incarnations are random 48-bit ids; exact in float64 and JavaScript
 # Fits a telemetry report with the most episodes the decoder takes (4096, ~64 bytes each): an actor
 # stepping short episodes fast (CartPole at the start) filled 64 KiB in one report, which was dropped.
@@ -185,6 +186,11 @@ class SampleBatch:
     weight: np.ndarray         # [n] float32 importance weights
     sender: str = "replay"
     incarnation: int = 0       # the replay server process the ids belong to
+    # Sharded replay (--replay-shards > 1; optional on the wire, absent with one shard): which shard
+    # sampled it, and that shard's total priority mass (sum of p^alpha) when it did, which the learner
+    # draws shards by. None: not given (a lone replay server).
+    shard: int = 0
+    mass: float | None = None
 
 
 @dataclass
@@ -291,8 +297,11 @@ def encode(msg: ExperienceChunk | SampleBatch | PriorityUpdate | Weights | Gradi
                     **({"inc": int(msg.incarnation)} if msg.incarnation else {}))  # optional: absent is 0
         return _encode_arrays("experience", h, vars(msg))
     if isinstance(msg, SampleBatch):
+        # "shard" and "mass" are optional (absent: shard 0, mass unknown): a one-shard replay's
+        # batches are byte for byte what they were before shards, so schema 2 readers take both.
         h = _header("sample", msg.sender, msg.seq, shape=list(msg.obs_shape), dtype=msg.obs_dtype,
-                    inc=int(msg.incarnation))
+                    inc=int(msg.incarnation), **({"shard": int(msg.shard)} if msg.shard else {}),
+                    **({"mass": float(msg.mass)} if msg.mass is not None else {}))
         return _encode_arrays("sample", h, vars(msg))
     if isinstance(msg, PriorityUpdate):
         return _encode_arrays("priorities", _header("priorities", msg.sender, msg.seq, inc=int(msg.incarnation)),
@@ -432,7 +441,13 @@ def decode_sample(frames: Frames) -> SampleBatch:
     _need(len(a["ids"]) == n and len(a["weight"]) == n, "ids/weight length differs from the batch")
     _need(n == 0 or a["ids"].min() >= 0, "negative item id")
     _need(bool(np.all(np.isfinite(a["weight"]))) and bool(np.all(a["weight"] >= 0)), "bad weights")
-    return SampleBatch(seq=h["q"], obs_shape=shape, obs_dtype=dtype, sender=h["s"], incarnation=_incarnation(h), **a)
+    shard = h.get("shard", 0)
+    _need(_is_int(shard) and 0 <= shard < MAX_SHARDS, f"shard must be an int in [0, {MAX_SHARDS}), got {shard!r}")
+    mass = h.get("mass")
+    _need(mass is None or (isinstance(mass, float) and math.isfinite(mass) and mass >= 0),
+          f"mass must be a finite float >= 0, got {mass!r}")
+    return SampleBatch(seq=h["q"], obs_shape=shape, obs_dtype=dtype, sender=h["s"], incarnation=_incarnation(h),
+                       shard=shard, mass=mass, **a)
 
 
 def decode_priorities(frames: Frames) -> PriorityUpdate:

@@ -124,7 +124,7 @@ def producer(env: str, endpoint: str, pool_chunks: int, fill: int, rate: float,
     feed(endpoint, real_chunks(env, pool_chunks), fill, rate, throttle, stop, out)
 
 
-def feed(endpoint: str, chunks: list, fill: int, rate: float, throttle, stop, out) -> None:
+def feed(endpoint: str | list[str], chunks: list, fill: int, rate: float, throttle, stop, out) -> None:
     """``producer`` on pre-made chunks (encoded once and resent)."""
     import zmq
 
@@ -133,7 +133,8 @@ def feed(endpoint: str, chunks: list, fill: int, rate: float, throttle, stop, ou
     pool = [encode(c) for c in chunks]
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 64)
-    push.connect(endpoint)
+    for ep in [endpoint] if isinstance(endpoint, str) else endpoint:  # several: replay shards, round robin
+        push.connect(ep)
     sent, i = 0, 0
     out.put(("pool", sum(n_per)))
     while sent < fill and not stop.is_set():

@@ -15,6 +15,13 @@ same frames (obs with ``next_of`` and ``stack_compress``, cpprb's memory-saving 
 timed on ``sample(batch)`` + ``update_priorities`` in this process, after the system above stopped.
 
     .venv/bin/python bench/replay_server.py [--size 1000000] [--batch 512] [--insert-rate 10000]
+    .venv/bin/python bench/replay_server.py --shards 2 [--size 200000] ...
+
+``--shards N``: sharded replay instead (and no cpprb). The same load on one replay server, then on N
+shards (``--replay-shards N``, each holding ``--size / N``), with a cheap learner side: a consumer that
+decodes each batch strictly (no decompression), draws the shard as the learner does
+(``learner.shards.draw_shard``) and returns every priority update to the shard that sampled it. Last
+line: ``shard_ratio=<batches/s with N shards / with one>``.
 
 Last line: ``replay_batches_per_s=<x> [...] replay_stacked_batches_per_s=<z> [...] cpprb_batches_per_s=<y>
 [...] ratio=<x/y> stacked_ratio=<z/y>``, each figure followed in brackets by what that side delivers.
@@ -33,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, endpoints, free_port_base, print_machine, producer, real_chunks, wait_for_metric  # noqa: E402
+from _common import (ROOT, endpoints, feed, free_port_base, print_machine, producer, real_chunks,  # noqa: E402
+                     wait_for_metric)
 
 ENV = "ALE/Pong-v5"
 
@@ -81,6 +89,105 @@ def consumer(samples: str, priorities: str, start: mp.Event, stacked: mp.Event, 
             else:
                 counted += 1
     out.put((phase, counted / (time.monotonic() - t0) if t0 else 0.0))
+
+
+def shard_consumer(samples: list[str], priorities: list[str], start: mp.Event, stop: mp.Event,
+                   out: mp.Queue) -> None:
+    """The learner's side, cheap: strict decode, the learner's shard draw, one priority update per batch
+    to the shard it came from; counts batches/s from ``start`` until ``stop``."""
+    import zmq
+
+    from apex_zmq.wire import PriorityUpdate, decode_sample, encode
+    from learner.shards import draw_shard
+    ctx = zmq.Context.instance()
+    pulls, pushes = [], []
+    for s_ep, p_ep in zip(samples, priorities):
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, 1)
+        pull.connect(s_ep)
+        push = ctx.socket(zmq.PUSH)
+        push.connect(p_ep)
+        pulls.append(pull)
+        pushes.append(push)
+    poller = zmq.Poller()
+    for sk in pulls:
+        poller.register(sk, zmq.POLLIN)
+    masses: list[float | None] = [None] * len(pulls)
+    rng = np.random.default_rng(0)
+    counted, t0 = 0, None
+    while not stop.is_set():
+        ready = dict(poller.poll(0)) or dict(poller.poll(200))
+        i = draw_shard(masses, [sk in ready for sk in pulls], rng)
+        if i is None:
+            continue
+        batch = decode_sample(pulls[i].recv_multipart(copy=False))
+        masses[i] = batch.mass
+        pushes[batch.shard].send_multipart(encode(PriorityUpdate(
+            sender="learner", seq=batch.seq, ids=batch.ids, priority=rng.random(len(batch.ids)).astype(np.float32),
+            incarnation=batch.incarnation)))
+        if start.is_set():
+            if t0 is None:
+                t0 = time.monotonic()
+            else:
+                counted += 1
+    out.put(("shard_batches_per_s", counted / (time.monotonic() - t0) if t0 else 0.0))
+
+
+def run_shards(shards: int, size: int, batch: int, rate: float, seconds: float, chunks: list) -> float:
+    """Batches/s that ``shards`` replay servers (``size`` transitions in all) deliver to a cheap consumer."""
+    import zmq
+
+    from apex_zmq import config as C
+    base = free_port_base()
+    ep = endpoints(base)
+    flags = [x for k, v in ep.items() for x in (f"--{k}", v)]
+    cfg = C.ReplayConfig(env=ENV, replay_shards=shards, **ep)
+    shard_eps = {name: C.shard_endpoints(cfg, name) for name in C.SHARD_ENDPOINTS}
+    ctx = zmq.Context.instance()
+    tel = ctx.socket(zmq.SUB)
+    tel.setsockopt(zmq.SUBSCRIBE, b"")
+    tel.bind(ep["telemetry"])
+    spawn = mp.get_context("spawn")
+    throttle, start, stop, out = spawn.Event(), spawn.Event(), spawn.Event(), spawn.Queue()
+    per = size // shards
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = [subprocess.Popen(
+            [sys.executable, "-m", "replay_server", "--env", ENV, "--run-dir", tmp, *flags,
+             "--replay-shards", str(shards), "--shard", str(i), "--capacity", str(per), "--min-size", str(per),
+             "--batch-size", str(batch), "--telemetry-period", "1"], cwd=ROOT) for i in range(shards)]
+        prod = spawn.Process(target=feed, args=(shard_eps["experience"], chunks, size, rate, throttle, stop, out))
+        cons = spawn.Process(target=shard_consumer, args=(shard_eps["samples"], shard_eps["priorities"], start,
+                                                          stop, out))
+        prod.start()
+        cons.start()
+        try:
+            t0 = time.monotonic()
+            # Round robin over the shards splits the fill about evenly, not exactly (each holds at most
+            # ``per``): 90% of a shard's share is filled enough.
+            for i in range(shards):
+                wait_for_metric(tel, f"replay/{i}/size" if shards > 1 else "replay/size", int(0.9 * per),
+                                timeout=300)
+            print(f"{shards} shard(s): filled {size} transitions in {time.monotonic() - t0:.0f}s", flush=True)
+            throttle.set()
+            time.sleep(3)
+            start.set()
+            time.sleep(seconds)
+            stop.set()
+            results = dict(out.get(timeout=30) for _ in range(3))
+            prod.join(30)
+            cons.join(30)
+        finally:
+            stop.set()
+            for s in servers:
+                s.terminate()
+            for s in servers:
+                s.wait(30)
+            for p in (prod, cons):
+                if p.is_alive():
+                    p.kill()
+    print(f"{shards} shard(s): {results['shard_batches_per_s']:.1f} batches/s of {batch} at the consumer; "
+          f"producer {results['producer_rate']:.0f} transitions/s", flush=True)
+    return results["shard_batches_per_s"]
 
 
 def run_system(size: int, batch: int, rate: float, seconds: float) -> tuple[float, float, dict]:
@@ -181,8 +288,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--insert-rate", type=float, default=10_000.0, help="transitions/s while measuring")
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--shards", type=int, default=0, help="sharded replay: N shards against one (no cpprb)")
     args = ap.parse_args()
     print_machine()
+    if args.shards:
+        chunks = real_chunks(ENV, 40)  # made once: both runs resend the same real Pong chunks
+        one = run_shards(1, args.size, args.batch, args.insert_rate, args.seconds, chunks)
+        many = run_shards(args.shards, args.size, args.batch, args.insert_rate, args.seconds, chunks)
+        print(f"one_shard_batches_per_s={one:.1f} shards_batches_per_s={many:.1f} [{args.shards} shards] "
+              f"shard_ratio={many / one if one else float('nan'):.2f}")
+        return
     ours, stacked, r = run_system(args.size, args.batch, args.insert_rate, args.seconds)
     print(f"replay server: {ours:.0f} batches/s of {args.batch} at the consumer; producer "
           f"{r['producer_rate']:.0f} transitions/s; server telemetry medians: "

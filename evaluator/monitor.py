@@ -134,6 +134,12 @@ def _valid_episode(e: dict[str, Any]) -> bool:
             and isinstance(eps, (int, float)) and 0.0 <= eps <= 1.0 and ret is not None)
 
 
+# Replay counters that add up over shards (the run's totals of a sharded replay).
+SUMMED_REPLAY = ("size", "capacity", "stored_mb", "inserted_per_s", "sampled_per_s", "updated_per_s", "inserted",
+                 "sampled", "updated", "batches", "rejected", "stale_updates", "stale_incarnation", "removed",
+                 "priority_lag", "chunks_stored")
+
+
 class RunMonitor:
     """Latest metrics, chart series, the epsilon ladder, evaluations and heartbeats of every role."""
 
@@ -158,6 +164,7 @@ class RunMonitor:
         self.evals: list[dict[str, Any]] = []
         self.rejected = 0
         self.rejected_episodes = 0
+        self.replay_shards: dict[str, dict[str, float]] = {}  # sharded replay: sender -> its last report
         self.last_eval: dict[str, float] = {}  # set by the evaluation thread (see progress_line)
 
     def _slot(self) -> SlotStats:
@@ -194,6 +201,8 @@ class RunMonitor:
             metrics["actor/steps_per_s"] = self.actor_steps_per_s(now)
             if "actor/acting_agreement" in metrics:
                 self.actor_acting[t.sender] = (metrics["actor/acting_agreement"], metrics.get("actor/acting_bits", 32.0))
+        if t.role == "replay":
+            metrics.update(self._shard_totals(t.sender, metrics, now))
         self.metrics.update(metrics)
         if t.role in self.series:
             prefix = f"{t.role}/"
@@ -209,6 +218,33 @@ class RunMonitor:
             slot.episodes += 1
         return Ingested(metrics=metrics, step=int(self.metrics.get("learner/steps", 0)),
                         episodes=episodes, sender=t.sender, time=t.time)
+
+    def _shard_totals(self, sender: str, metrics: dict[str, float], now: float) -> dict[str, float]:
+        """Sharded replay (tags ``replay/<shard>/*``): keep this shard's report and return the run's
+        totals as the plain ``replay/*`` tags, summed over the shards that are up (a dead shard's last
+        size no longer counts, as with actors' rates); fill is the total size over the total capacity.
+        A lone replay server's report (plain tags) gives nothing here."""
+        own = {}
+        for k, v in metrics.items():
+            parts = k.split("/", 2)
+            if len(parts) == 3 and parts[1].isdigit() and not parts[2].startswith("from/"):
+                own[parts[2]] = v
+        if not own:
+            return {}
+        self.replay_shards[sender] = own
+        live = [m for s, m in self.replay_shards.items() if self.is_up(s, now) or s == sender]
+        totals = {f"replay/{k}": float(sum(m.get(k, 0.0) for m in live)) for k in SUMMED_REPLAY}
+        if totals["replay/capacity"] > 0:
+            totals["replay/fill"] = totals["replay/size"] / totals["replay/capacity"]
+        totals["replay/shards_up"] = float(len(live))
+        return totals
+
+    def shard_sizes(self, now: float) -> list[tuple[str, float | None]]:
+        """(sender, size; None when down) of each replay shard heard from, in shard order."""
+        def key(s: str) -> int:
+            return int(s.rsplit("-", 1)[-1]) if s.rsplit("-", 1)[-1].isdigit() else 0
+        return [(s, m.get("size") if self.is_up(s, now) else None)
+                for s, m in sorted(self.replay_shards.items(), key=lambda kv: key(kv[0]))]
 
     def on_eval_rows(self, rows: Iterable[dict[str, Any]]) -> None:
         """Take evaluation rows (as written to eval.csv: time, learner_steps, mean, min, max, ...)."""
@@ -277,7 +313,13 @@ class RunMonitor:
             "series": {role: s.to_json() for role, s in self.series.items()},
             "heartbeats": self.heartbeat_rows(now),
             "rejected": {"telemetry": self.rejected, "episodes": self.rejected_episodes},
+            # sharded replay: each shard's size (None: down); empty with one replay server
+            "replay_shards": [{"sender": sender, "size": finite(size) if size is not None else None}
+                              for sender, size in self.shard_sizes(now)],
         }
+
+    def _shards_part(self, now: float) -> str:
+        return _shards_part_of(self.shard_sizes(now))
 
     def progress_line(self, now: float) -> str:
         """One compact line: time, evaluation, learner, replay, actors, and any role that is down."""
@@ -297,10 +339,17 @@ class RunMonitor:
             middle = (f"learner {_count(m.get('learner/steps', 0))} steps {m.get('learner/steps_per_s', 0):.0f}/s "
                       f"loss {'-' if loss is None else f'{loss:.3g}'} | "
                       f"replay {_count(m.get('replay/size', 0))} ({m.get('replay/fill', 0):.0%}) "
-                      f"+{m.get('replay/inserted_per_s', 0):.0f}/s | ")
+                      f"+{m.get('replay/inserted_per_s', 0):.0f}/s{self._shards_part(now)} | ")
         return (f"[{_duration(now - self.started)}] {eval_part} | " + middle +
                 f"actors {_count(self.actor_steps_per_s(now))} steps/s"
                 + (f" | DOWN: {', '.join(down)}" if down else ""))
+
+
+def _shards_part_of(sizes: list[tuple[str, float | None]]) -> str:
+    """`` shards [6.1k 6.2k down]``: each replay shard's size (empty with one replay server)."""
+    if not sizes:
+        return ""
+    return " shards [" + " ".join("down" if v is None else _count(v) for _, v in sizes) + "]"
 
 
 def _count(x: float | None) -> str:

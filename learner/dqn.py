@@ -28,6 +28,7 @@ class Batch:
     weight: torch.Tensor
     ids: np.ndarray
     incarnation: int = 0  # of the replay server that sampled it (echoed in the priority update)
+    shard: int = 0        # the replay shard that sampled it: its priority update goes back there
     # Items whose observations do not decompress: not trained on, removed from the replay.
     bad_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
@@ -63,7 +64,7 @@ def batch_from_sample(s: SampleBatch, num_actions: int, device: torch.device,
     if channels_last:
         for k in ("obs", "next_obs"):
             tensors[k] = tensors[k].contiguous(memory_format=torch.channels_last)
-    return Batch(ids=np.array(s.ids[keep]), incarnation=s.incarnation,
+    return Batch(ids=np.array(s.ids[keep]), incarnation=s.incarnation, shard=s.shard,
                  bad_ids=np.unique(np.asarray(s.ids)[bad]), **tensors)
 
 

@@ -11,7 +11,9 @@ import sys
 import time
 from typing import Callable, NoReturn
 
+import numpy as np
 import torch
+import zmq
 
 from apex_zmq import checkpoint, flow, optim
 from apex_zmq import config as C
@@ -23,6 +25,12 @@ from apex_zmq.wire import PriorityUpdate, Telemetry, Weights, WireError, decode_
 from .algos import make_rule
 from .dqn import Batch, batch_from_sample
 from .readback import PendingUpdates, Update, copier_for
+from .shards import draw_shard, route
+
+# Sharded replay: how long a priority update waits for its shard's queue (seconds) before it is dropped
+# and counted. A shard that is down takes nothing (its updates would be stale for the restarted one,
+# which has a new incarnation), and the trainer must not stall on it while the other shards serve.
+SHARD_SEND_WAIT_S = 1.0
 
 # Priority updates the training thread may leave in flight on a GPU: it runs at most this many steps ahead
 # of the device (a small bound: each pending step holds its batch's device memory until it has run).
@@ -127,10 +135,12 @@ class LearnerCore:
 
 def train(core: LearnerCore, next_batch: Callable[[], Batch | None], send: Callable[[list], object],
           publish: Callable[[list], None], stopped: Callable[[], bool],
-          pending: PendingUpdates | None = None) -> None:
+          pending: PendingUpdates | None = None,
+          send_to: Callable[[int, list], object] | None = None) -> None:
     """The training thread's loop: a batch from ``next_batch`` (None: stop), one step of the rule, its
     priority update to ``send`` (encoded frames; in training order, each batch's once, through
-    ``pending``: on a GPU once its copy to the host has finished), weights (encoded) to ``publish``
+    ``pending``: on a GPU once its copy to the host has finished; with ``send_to``, sharded replay,
+    ``send_to(shard, frames)`` to the shard the batch came from instead), weights (encoded) to ``publish``
     and a checkpoint on their periods; until ``stopped()`` or ``--max-learner-steps``. The updates
     still pending are sent and a checkpoint written at the end."""
     cfg, learner = core.cfg, core.learner
@@ -141,8 +151,12 @@ def train(core: LearnerCore, next_batch: Callable[[], Batch | None], send: Calla
             if u.loss is not None:
                 core.loss = u.loss
             # no hop to the event loop: ZeroMQ's own I/O thread sends it
-            send(encode(PriorityUpdate(sender="learner", seq=u.seq, ids=u.ids, priority=u.priority,
-                                       incarnation=u.incarnation, remove=u.remove)))
+            frames = encode(PriorityUpdate(sender="learner", seq=u.seq, ids=u.ids, priority=u.priority,
+                                           incarnation=u.incarnation, remove=u.remove))
+            if send_to is None:
+                send(frames)
+            else:  # sharded replay: back to the shard that sampled the items
+                send_to(route(u.shard, cfg.replay_shards), frames)
 
     last_weights = last_ckpt = time.monotonic()
     while not stopped() and (cfg.max_learner_steps == 0 or learner.steps < cfg.max_learner_steps):
@@ -189,39 +203,88 @@ async def main_async(cfg: C.LearnerConfig) -> None:
     # from ZeroMQ to the thread that decodes it with no hop through the event loop.
     # --loader-threads 0: the trainer thread receives and decodes each batch itself (a small network on
     # few cores: a loader thread beside it costs the step more in GIL hand-offs than decoding does).
-    samples = [socks.open(cfg, "learner", "samples", sync=True) for _ in range(max(1, cfg.loader_threads))]
-    prios = socks.open(cfg, "learner", "priorities", sync=True)  # owned by the trainer thread
+    # Sharded replay: every loader owns one PULL socket per shard (the draw picks which to read from) and
+    # the trainer one priorities PUSH per shard. One shard: shard_cfgs is [cfg], the sockets are as before.
+    shards = cfg.replay_shards
+    shard_cfgs = [C.for_shard(cfg, i) for i in range(shards)]
+    samples = [[socks.open(c, "learner", "samples", sync=True) for c in shard_cfgs]
+               for _ in range(max(1, cfg.loader_threads))]
+    prios = [socks.open(c, "learner", "priorities", sync=True) for c in shard_cfgs]  # owned by the trainer
     weights = socks.open(cfg, "learner", "weights")
     tel = socks.open(cfg, "learner", "telemetry")
     stop = asyncio.Event()
     install_stop(stop)
     batch_q: queue.Queue = queue.Queue(maxsize=flow.LOADER_QUEUE)
-    counts = {"rejected": 0}
+    counts = {"rejected": 0, "priorities_dropped": 0, **{f"from_shard_{i}": 0 for i in range(shards)}}
+    send_wait = [SHARD_SEND_WAIT_S] * shards  # seconds an update to each shard may wait (0: the shard is down)
+    masses: list[float | None] = [None] * shards  # each shard's priority mass as its last batch said
+    rngs = [np.random.default_rng([cfg.seed, i]) for i in range(len(samples))]
     latest = {"frames": core.weights(0)}
 
-    def receive(sock) -> Batch | None:
-        """The next good batch from ``sock`` (malformed ones are counted and dropped); None on stop."""
-        while (frames := recv_until(sock, stop)) is not None:
+    def next_frames(socks_: list, rng: np.random.Generator) -> list | None:
+        """The next sample message: from the one socket, or (sharded) from the shard drawn among those
+        with a batch waiting (learner/shards.py), else the first to arrive; None on stop."""
+        if len(socks_) == 1:
+            return recv_until(socks_[0], stop)
+        poller = zmq.Poller()
+        for sk in socks_:
+            poller.register(sk, zmq.POLLIN)
+        while not stop.is_set():
+            ready = dict(poller.poll(0)) or dict(poller.poll(250))
+            i = draw_shard(masses, [sk in ready for sk in socks_], rng)
+            if i is not None:
+                return socks_[i].recv_multipart(copy=False)
+        return None
+
+    def receive(socks_: list, rng: np.random.Generator) -> Batch | None:
+        """The next good batch (malformed ones are counted and dropped); None on stop."""
+        while (frames := next_frames(socks_, rng)) is not None:
             try:
-                return batch_from_sample(decode_sample(frames), core.spec.num_actions, core.device,
+                s = decode_sample(frames)
+                if s.shard >= shards:
+                    raise WireError(f"shard {s.shard} outside [0, {shards})")
+                if shards > 1:
+                    masses[s.shard] = s.mass
+                    counts[f"from_shard_{s.shard}"] += 1
+                return batch_from_sample(s, core.spec.num_actions, core.device,
                                          pin=core.device.type == "cuda", channels_last=core.channels_last,
                                          obs_spec=(core.spec.obs_shape, core.spec.obs_dtype))
             except WireError:
                 counts["rejected"] += 1
         return None
 
-    def loader(sock) -> None:
+    def send_shard(shard: int, frames: list) -> bool:
+        """A priority update to its shard, waiting up to SHARD_SEND_WAIT_S; dropped and counted after."""
+        sock = prios[shard]
+        deadline = time.monotonic() + send_wait[shard]
+        while not stop.is_set():
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                send_wait[shard] = SHARD_SEND_WAIT_S
+                return True
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                sock.poll(int(min(250, left * 1000)) + 1, zmq.POLLOUT)
+        counts["priorities_dropped"] += 1
+        send_wait[shard] = 0.0  # down: its next updates are dropped at once until one goes through
+        return False
+
+    def loader(socks_: list, rng: np.random.Generator) -> None:
         # Decode and decompress ahead of the training step; lz4 and torch release the GIL. Loaders
         # index and copy small tensors: one torch thread each, the trainer has the role's budget.
         torch.set_num_threads(1)
-        while (b := receive(sock)) is not None:
+        while (b := receive(socks_, rng)) is not None:
             put_until(batch_q, b, stop)
 
-    next_batch = (lambda: get_until(batch_q, stop)) if cfg.loader_threads else (lambda: receive(samples[0]))
+    next_batch = ((lambda: get_until(batch_q, stop)) if cfg.loader_threads
+                  else (lambda: receive(samples[0], rngs[0])))
 
     def trainer() -> None:
-        train(core, next_batch, lambda msg: send_until(prios, msg, stop),
-              lambda frames: latest.__setitem__("frames", frames), stop.is_set)
+        train(core, next_batch, lambda msg: send_until(prios[0], msg, stop),
+              lambda frames: latest.__setitem__("frames", frames), stop.is_set,
+              send_to=send_shard if shards > 1 else None)
 
     async def publish() -> None:
         # Republished every period, so an actor that joins late gets weights within one period.
@@ -239,6 +302,9 @@ async def main_async(cfg: C.LearnerConfig) -> None:
             metrics = {"learner/steps": steps, "learner/steps_per_s": (steps - last_steps) / (now - last),
                        "learner/rejected": counts["rejected"], "learner/bad_items": core.bad_items,
                        "perf/learner_wait_fraction": (core.wait_s - last_wait) / busy if busy > 0 else 0.0}
+            if shards > 1:  # sharded replay: batches taken from each shard, updates dropped for a dead one
+                metrics["learner/priorities_dropped"] = counts["priorities_dropped"]
+                metrics.update({f"learner/batches_from_shard_{i}": counts[f"from_shard_{i}"] for i in range(shards)})
             if math.isfinite(core.loss):  # telemetry carries finite numbers only
                 metrics["learner/loss"] = core.loss
             last, last_steps, last_wait, last_train = now, steps, core.wait_s, core.train_s
@@ -247,7 +313,7 @@ async def main_async(cfg: C.LearnerConfig) -> None:
 
     try:
         await run_role(stop, [publish(), report()],
-                       [trainer] + [functools.partial(loader, s) for s in samples[:cfg.loader_threads]],
+                       [trainer] + [functools.partial(loader, s, r) for s, r in zip(samples[:cfg.loader_threads], rngs)],
                        torch_threads=cfg.torch_threads)
     finally:
         socks.close()

@@ -109,6 +109,7 @@ class Update:
     incarnation: int
     remove: np.ndarray     # the batch's items whose observations did not decompress
     loss: float | None
+    shard: int = 0         # the replay shard the batch came from, where the update goes
 
 
 @dataclass
@@ -120,11 +121,12 @@ class _Pending:
     priority: np.ndarray
     loss: np.ndarray | None
     event: Event
+    shard: int = 0
 
     def take(self) -> Update:
         return Update(seq=self.seq, ids=self.ids, priority=np.array(self.priority, dtype=np.float32),
                       incarnation=self.incarnation, remove=self.remove,
-                      loss=None if self.loss is None else float(self.loss[0]))
+                      loss=None if self.loss is None else float(self.loss[0]), shard=self.shard)
 
 
 class PendingUpdates:
@@ -152,11 +154,11 @@ class PendingUpdates:
         made the learner's step count ``seq``, or None when nothing was trained (no good item: the update
         only removes ``b.bad_ids``). The loss is copied when ``seq`` is a multiple of ``loss_every``."""
         if result is None:
-            pending = _Pending(seq, b.ids, b.incarnation, b.bad_ids, np.zeros(0, np.float32), None, DONE)
+            pending = _Pending(seq, b.ids, b.incarnation, b.bad_ids, np.zeros(0, np.float32), None, DONE, b.shard)
         else:
             priorities, loss = result
             host, host_loss, event = self.copier.copy(priorities, loss if seq % self.loss_every == 0 else None)
-            pending = _Pending(seq, b.ids, b.incarnation, b.bad_ids, host, host_loss, event)
+            pending = _Pending(seq, b.ids, b.incarnation, b.bad_ids, host, host_loss, event, b.shard)
         self._queue.append(pending)
         out = []
         while len(self._queue) > self.max_pending:

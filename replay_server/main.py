@@ -31,17 +31,22 @@ class ReplayService:
         self.cfg = cfg
         spec = env_spec(cfg.env)
         self.spec = spec
-        self.snapshot_path = Path(cfg.run_dir) / "replay" / "snapshot.npz"
+        # Sharded (--replay-shards > 1): batches name this shard and carry its priority mass, which the
+        # learner draws shards by; telemetry tags are replay/<shard>/*. One shard: as before shards.
+        self.sharded = cfg.replay_shards > 1
+        name = f"snapshot-{cfg.shard}.npz" if cfg.shard else "snapshot.npz"
+        self.snapshot_path = Path(cfg.run_dir) / "replay" / name
+        seed = cfg.seed + 7919 * cfg.shard  # shards sample independently
         if cfg.snapshot_period > 0 and self.snapshot_path.exists():
             try:
                 self.replay = PrioritizedReplay.load_snapshot(self.snapshot_path, cfg.capacity, cfg.alpha,
-                                                              seed=cfg.seed)
+                                                              seed=seed)
             except ValueError as e:
                 raise SystemExit(f"replay_server: {e}") from None
             print(f"replay_server: restored {self.replay.size} transitions from {self.snapshot_path}",
                   flush=True)
         else:
-            self.replay = PrioritizedReplay(cfg.capacity, cfg.alpha, seed=cfg.seed)
+            self.replay = PrioritizedReplay(cfg.capacity, cfg.alpha, seed=seed)
         self.limiter = SampleToInsertRatio(cfg.samples_per_insert, cfg.spi_tolerance or 4 * cfg.batch_size,
                                            cfg.min_size)
         self.limiter.on_insert(self.replay.size)  # a restored replay is already filled
@@ -119,6 +124,8 @@ class ReplayService:
         self.lag_max = max(self.lag_max, self.priority_lag)
         batch = self.replay.sample(self.cfg.batch_size, beta, seq=self.batches)
         batch.incarnation = self.incarnation
+        if self.sharded:
+            batch.shard, batch.mass = self.cfg.shard, float(self.replay.tree.total)
         self.counts["sampled"] += len(batch.ids)
         self.limiter.on_sample(len(batch.ids))
         return encode(batch)
@@ -141,6 +148,7 @@ class ReplayService:
 
 async def main_async(cfg: C.ReplayConfig) -> None:
     """Bind the replay server's sockets and serve until stopped."""
+    cfg = C.for_shard(cfg, cfg.shard)  # shard i binds its own endpoints (shard 0: the configured ones)
     svc = ReplayService(cfg)
     print(f"replay_server: {flow.settings(cfg, 'replay_server')}", flush=True)
     socks = Sockets(cfg.insecure, cfg.keys)
@@ -177,6 +185,14 @@ async def main_async(cfg: C.ReplayConfig) -> None:
             sampled.set()
             await asyncio.sleep(0)
 
+    sender = f"replay-{cfg.shard}" if svc.sharded else "replay"
+
+    def tags(metrics: dict[str, float]) -> dict[str, float]:
+        # Sharded: replay/<shard>/*, which the evaluator sums into the replay/* totals.
+        if not svc.sharded:
+            return metrics
+        return {f"replay/{cfg.shard}/{k[len('replay/'):]}": v for k, v in metrics.items()}
+
     async def report() -> None:
         last, prev = time.monotonic(), dict(svc.counts)
         while True:
@@ -186,8 +202,8 @@ async def main_async(cfg: C.ReplayConfig) -> None:
                      for k in ("inserted", "sampled", "updated")}
             last, prev = now, dict(svc.counts)
             await tel.send_multipart(encode(Telemetry(
-                sender="replay", seq=svc.batches, role="replay", time=time.time(),
-                metrics={**rates, "replay/size": svc.replay.size, "replay/capacity": cfg.capacity,
+                sender=sender, seq=svc.batches, role="replay", time=time.time(),
+                metrics=tags({**rates, "replay/size": svc.replay.size, "replay/capacity": cfg.capacity,
                          "replay/fill": svc.replay.size / cfg.capacity,
                          "replay/stored_mb": svc.replay.stored_bytes / 2**20,
                          "replay/rejected": svc.counts["rejected_experience"] + svc.counts["rejected_priorities"],
@@ -205,7 +221,7 @@ async def main_async(cfg: C.ReplayConfig) -> None:
                          "replay/priority_lag_max": svc.lag_max,
                          # which process these counters are of (a 48-bit id: exact as a float)
                          "replay/incarnation": svc.incarnation, "replay/chunks_stored": svc.chunks_stored,
-                         **svc.ledger.metrics()})))
+                         **svc.ledger.metrics()}))))
 
     async def snapshots() -> None:
         while True:
@@ -222,7 +238,7 @@ async def main_async(cfg: C.ReplayConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     """``apex-zmq replay_server``: run the replay server."""
     cfg = C.parse(C.ReplayConfig, argv, "replay_server")
-    C.save(cfg, cfg.run_dir, "config_replay_server")
+    C.save(cfg, cfg.run_dir, f"config_replay_server-{cfg.shard}" if cfg.shard else "config_replay_server")
     asyncio.run(main_async(cfg))
 
 

@@ -245,6 +245,8 @@ def code_constants() -> dict[str, int]:
     out["MAX_MESSAGE_BYTES"] = transport.MAX_MESSAGE_BYTES
     out.update({f"PORT_{name.upper()}": port for name, port in config.DEFAULT_PORTS.items()})
     out["PORT_RELAY"] = config.RELAY_PORT
+    out["MAX_SHARDS"] = wire.MAX_SHARDS
+    out["SHARD_PORT_STEP"] = config.Common.shard_port_step
     out.update(KEEPALIVE_IDLE_S=transport.KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S=transport.KEEPALIVE_INTVL_S,
                KEEPALIVE_CNT=transport.KEEPALIVE_CNT)
     return out

@@ -130,6 +130,10 @@
     setText("replay-inserted-per-s", fmtRate(m["replay/inserted_per_s"]));
     setText("replay-sampled-per-s", fmtRate(m["replay/sampled_per_s"]));
     setText("replay-updated-per-s", fmtRate(m["replay/updated_per_s"]));
+    // Sharded replay (--replay-shards N): each shard's size; the figures above are the totals.
+    const shards = s.replay_shards || [];
+    $("replay-shards-line").hidden = shards.length === 0;
+    setText("replay-shards", shards.map(x => x.size == null ? "down" : fmtInt(x.size)).join(" · "));
     setText("actor-steps-per-s", fmtRate(m["actor/steps_per_s"]));
     const spi = m["replay/samples_per_insert"], target = m["replay/samples_per_insert_target"];
     setText("replay-spi", spi == null ? "-" : spi.toFixed(2));

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from apex_zmq.launch import role_module
@@ -71,3 +72,15 @@ def stop_all(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
 @pytest.fixture
 def port_base() -> int:
     return free_port_base()
+
+
+def cartpole_chunk(rng: np.random.Generator, seq: int, n: int = 50) -> list:
+    """The wire frames of one experience chunk of ``n`` CartPole-shaped transitions (random data)."""
+    from apex_zmq import wire
+    obs = rng.normal(size=(n + 1, 4)).astype(np.float32)
+    data, offsets = wire.frame_table(wire.compress_obs(obs))
+    return wire.encode(wire.ExperienceChunk(
+        sender="test-actor", seq=seq, obs_shape=(4,), obs_dtype="float32", frame_data=data, frame_offsets=offsets,
+        obs_idx=np.arange(n, dtype=np.int32), next_idx=np.arange(1, n + 1, dtype=np.int32),
+        action=rng.integers(0, 2, n).astype(np.int32), ret=np.ones(n, np.float32),
+        disc=np.full(n, 0.99, np.float32), priority=np.ones(n, np.float32)))

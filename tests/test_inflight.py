@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from conftest import endpoint_flags, start_role, stop_all
+from conftest import cartpole_chunk, endpoint_flags, start_role, stop_all
 
 from apex_zmq import config as C
 from apex_zmq import flow, wire
@@ -31,14 +31,6 @@ CHUNK, BATCH, MIN_SIZE, PREFETCH = 50, 32, 200, 4
 OBS_BYTES = 4 * 4  # CartPole: 4 float32
 
 
-def _chunk(rng: np.random.Generator, seq: int) -> list:
-    obs = rng.normal(size=(CHUNK + 1, 4)).astype(np.float32)
-    data, offsets = wire.frame_table(wire.compress_obs(obs))
-    return wire.encode(wire.ExperienceChunk(
-        sender="test-actor", seq=seq, obs_shape=(4,), obs_dtype="float32", frame_data=data, frame_offsets=offsets,
-        obs_idx=np.arange(CHUNK, dtype=np.int32), next_idx=np.arange(1, CHUNK + 1, dtype=np.int32),
-        action=rng.integers(0, 2, CHUNK).astype(np.int32), ret=np.ones(CHUNK, np.float32),
-        disc=np.full(CHUNK, 0.99, np.float32), priority=np.ones(CHUNK, np.float32)))
 
 
 def _flags(port_base: int, tmp: Path) -> dict[str, list[str]]:
@@ -68,7 +60,7 @@ class Roles:
 
     def fill(self, chunks: int) -> None:
         for _ in range(chunks):
-            self.push.send_multipart(_chunk(self.rng, self.seq))
+            self.push.send_multipart(cartpole_chunk(self.rng, self.seq))
             self.seq += 1
 
     def reports(self, role: str, since: float = 0.0, timeout_ms: int = 500) -> list[dict[str, float]]:

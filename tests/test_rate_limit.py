@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from conftest import endpoint_flags, start_role, stop_all
+from conftest import cartpole_chunk, endpoint_flags, start_role, stop_all
 
 from apex_zmq import wire
 from apex_zmq.config import loopback_endpoints
@@ -61,14 +61,6 @@ def test_without_blocking_inserts_fast_actors_lower_the_ratio() -> None:
 # --------------------------------------------------------------------------- the live replay server
 
 
-def _chunk(rng: np.random.Generator, seq: int) -> list:
-    obs = rng.normal(size=(CHUNK + 1, 4)).astype(np.float32)
-    data, offsets = wire.frame_table(wire.compress_obs(obs))
-    return wire.encode(wire.ExperienceChunk(
-        sender="test-actor", seq=seq, obs_shape=(4,), obs_dtype="float32", frame_data=data, frame_offsets=offsets,
-        obs_idx=np.arange(CHUNK, dtype=np.int32), next_idx=np.arange(1, CHUNK + 1, dtype=np.int32),
-        action=rng.integers(0, 2, CHUNK).astype(np.int32), ret=np.ones(CHUNK, np.float32),
-        disc=np.full(CHUNK, 0.99, np.float32), priority=np.ones(CHUNK, np.float32)))
 
 
 @pytest.mark.parametrize("fast", ["learner", "actors"])
@@ -99,7 +91,7 @@ def test_live_replay_holds_the_ratio(tmp_path: Path, port_base: int, fast: str) 
             # The fast side acts every time it can; the slow one every 50 ms.
             if now >= next_insert:
                 try:
-                    push.send_multipart(_chunk(rng, seq), flags=zmq.NOBLOCK)
+                    push.send_multipart(cartpole_chunk(rng, seq), flags=zmq.NOBLOCK)
                     seq += 1
                 except zmq.Again:  # the replay holds inserts: its queue toward it is full
                     pass

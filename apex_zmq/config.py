@@ -148,6 +148,8 @@ class ActorConfig(Common):
     eps_alpha: float = _f(7.0, "epsilon ladder exponent (Ape-X: 7)")
     chunk_steps: int = _f(16, "vector-env steps per experience chunk (chunk = steps x envs transitions)")
     env_threads: int = _f(1, "ale-py threads stepping each env group of this actor")
+    frames_once: bool = _f(True, "Atari: send each new frame once and observations as stacks of frame "
+                                 "references (the wire's stack layout); off: each observation's whole stack")
     env_groups: int = _f(2, "Atari: groups the K envs are split into; one group steps while the "
                             "network acts on the next (1: no overlap)")
     exploration: Literal["auto", "ladder", "noisy", "both"] = _f(

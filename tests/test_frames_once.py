@@ -166,3 +166,58 @@ def test_replay_keeps_one_layout() -> None:
     replay.add(new[0])
     with pytest.raises(ValueError, match="stacks"):
         replay.add(old[0])
+
+
+def test_snapshot_of_the_stack_layout(tmp_path) -> None:
+    """A replay of stacks survives a snapshot taken a slice at a time while chunks come in."""
+    chunks = run_actor(5, 3, 60, 4, 3, 0.1, True, frames_once=True)
+    replay = PrioritizedReplay(50, seed=1)
+    for c in chunks[:6]:
+        replay.add(c)
+    snap = replay.begin_snapshot()
+    snap.copy(10)
+    replay.add(chunks[6])  # overwrites slots ahead of the cursor: preserved, copy-on-write
+    while not snap.copy(7):
+        pass
+    path = tmp_path / "replay.npz"
+    PrioritizedReplay.write_snapshot(snap.state(), path)
+    back = PrioritizedReplay.load_snapshot(path, 50, replay.alpha, seed=3)
+    assert back.stack == S and back.obs_lo.shape == (50, S)
+    ref = PrioritizedReplay(50, seed=3)
+    for c in chunks[:6]:
+        ref.add(c)
+    a, b = back.sample(20, 0.4), ref.sample(20, 0.4)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    ba, bb = (batch_from_sample(decode_sample(encode(x)), A, torch.device("cpu")) for x in (a, b))
+    assert torch.equal(ba.obs, bb.obs) and torch.equal(ba.next_obs, bb.next_obs)
+
+
+def test_replay_server_rejects_the_other_layout() -> None:
+    """An actor with the other --frames-once is counted as rejected experience, not a crash."""
+    pytest.importorskip("ale_py")
+    from apex_zmq.config import ReplayConfig
+    from replay_server.main import ReplayService
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (6, 84, 84), dtype=np.uint8)
+    n = 2
+    fields = dict(action=np.zeros(n, np.int32), ret=np.zeros(n, np.float32), disc=np.ones(n, np.float32),
+                  priority=np.ones(n, np.float32))
+    data, off = frame_table(compress_obs(frames))
+    stacked = ExperienceChunk(sender="a", seq=1, obs_shape=(4, 84, 84), obs_dtype="uint8", frame_data=data,
+                              frame_offsets=off, obs_idx=np.array([[0, 1, 2, 3], [1, 2, 3, 4]], np.int32),
+                              next_idx=np.array([[1, 2, 3, 4], [2, 3, 4, 5]], np.int32), **fields)
+    data, off = frame_table(compress_obs(np.stack([frames[:4], frames[1:5], frames[2:6]])))
+    whole = ExperienceChunk(sender="b", seq=1, obs_shape=(4, 84, 84), obs_dtype="uint8", frame_data=data,
+                            frame_offsets=off, obs_idx=np.array([0, 1], np.int32),
+                            next_idx=np.array([1, 2], np.int32), **fields)
+    svc = ReplayService(ReplayConfig(env="ALE/Pong-v5", capacity=64, batch_size=2, min_size=2))
+    assert svc.on_experience(encode(stacked))
+    assert not svc.on_experience(encode(whole))
+    assert svc.counts["rejected_experience"] == 1 and svc.replay.size == 2
+    s = decode_sample(encode(svc.replay.sample(2, 0.4)))
+    b = batch_from_sample(s, 6, torch.device("cpu"))
+    want = {0: frames[:4], 1: frames[1:5], 2: frames[2:6]}  # item i: obs i, next obs i + 1
+    for i, item in enumerate(s.ids.tolist()):
+        assert np.array_equal(b.obs[i].numpy(), want[item])
+        assert np.array_equal(b.next_obs[i].numpy(), want[item + 1])

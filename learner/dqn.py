@@ -59,17 +59,20 @@ def batch_from_sample(s: SampleBatch, num_actions: int, device: torch.device,
     obs_idx = torch.from_numpy(s.obs_idx[keep].reshape(-1).astype(np.int64))
     next_idx = torch.from_numpy(s.next_idx[keep].reshape(-1).astype(np.int64))
     shape = (len(keep), *s.obs_shape)
-    # index_select: ~7x faster than frames[idx] on uint8 stacks (27.6 vs 3.7 ms for a 512 Pong batch).
-    tensors = dict(obs=frames.index_select(0, obs_idx).view(shape),
-                   next_obs=frames.index_select(0, next_idx).view(shape),
+    # The distinct frames (or observations) go to the device and are stacked there: on a GPU the host
+    # copies each frame once, not once per stack that holds it.
+    tensors = dict(frames=frames, obs_idx=obs_idx, next_idx=next_idx,
                    action=torch.from_numpy(s.action[keep].astype(np.int64)),
                    ret=torch.from_numpy(s.ret[keep]), disc=torch.from_numpy(s.disc[keep]),
                    weight=torch.from_numpy(s.weight[keep]))
     if pin:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
     tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
-    if channels_last:
-        for k in ("obs", "next_obs"):
+    frames = tensors.pop("frames")
+    # index_select: ~7x faster than frames[idx] on uint8 stacks (27.6 vs 3.7 ms for a 512 Pong batch).
+    for k, idx in (("obs", tensors.pop("obs_idx")), ("next_obs", tensors.pop("next_idx"))):
+        tensors[k] = frames.index_select(0, idx).view(shape)
+        if channels_last:
             tensors[k] = tensors[k].contiguous(memory_format=torch.channels_last)
     return Batch(ids=np.array(s.ids[keep]), incarnation=s.incarnation,
                  bad_ids=np.unique(np.asarray(s.ids)[bad]), **tensors)

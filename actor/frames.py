@@ -19,9 +19,14 @@ Stack = tuple[bytes, ...]  # one observation: S blob references, oldest frame fi
 class FrameStacker:
     """Turns each step's stacked observations [K, S, ...] into K stacks of S compressed frames."""
 
-    def __init__(self) -> None:
+    def __init__(self, hc_level: int = 0) -> None:
+        """``hc_level``: lz4 high-compression level 1-12 (0: the fast mode). The receiver cannot tell
+        the difference: any level decompresses alike, as fast."""
+        if not 0 <= hc_level <= 12:
+            raise ValueError(f"lz4 high-compression level {hc_level}, expected 0..12")
         self.prev: np.ndarray | None = None  # last observations [K, S, ...]
         self.refs: list[Stack] = []
+        self.opts = dict(mode="high_compression", compression=hc_level) if hc_level else {}
 
     def add(self, obs: np.ndarray) -> list[Stack]:
         """The stacks of this step's observations [K, S, ...] (a copy is kept to compare the next with)."""
@@ -34,27 +39,25 @@ class FrameStacker:
         refs = []
         for k in range(K):
             if shifted[k]:
-                refs.append(self.refs[k][1:] + (_compress(obs[k, -1]),))
+                refs.append(self.refs[k][1:] + (self._compress(obs[k, -1].tobytes()),))
             else:
-                refs.append(_fresh(obs[k]))
+                refs.append(self._fresh(obs[k]))
         self.prev, self.refs = obs.copy(), refs
         return refs
 
+    def _compress(self, raw: bytes) -> bytes:
+        return lz4.block.compress(raw, store_size=False, **self.opts)
 
-def _compress(frame: np.ndarray) -> bytes:
-    return lz4.block.compress(frame.tobytes(), store_size=False)
-
-
-def _fresh(stack: np.ndarray) -> Stack:
-    """Each distinct frame of a stack compressed once (a reset stack repeats its first frame)."""
-    seen: dict[bytes, bytes] = {}
-    out = []
-    for f in stack:
-        raw = f.tobytes()
-        if raw not in seen:
-            seen[raw] = lz4.block.compress(raw, store_size=False)
-        out.append(seen[raw])
-    return tuple(out)
+    def _fresh(self, stack: np.ndarray) -> Stack:
+        """Each distinct frame of a stack compressed once (a reset stack repeats its first frame)."""
+        seen: dict[bytes, bytes] = {}
+        out = []
+        for f in stack:
+            raw = f.tobytes()
+            if raw not in seen:
+                seen[raw] = self._compress(raw)
+            out.append(seen[raw])
+        return tuple(out)
 
 
 def stack_table(stacks: list[Stack]) -> tuple[list[bytes], np.ndarray]:

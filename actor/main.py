@@ -127,7 +127,7 @@ class ActorCore:
             lives = np.array(info["lives"]) if self.spec.atari else None
             self.groups.append(EnvGroup(env, lo, eps[lo:hi], seg, obs, lives, cfg.actor_index * K + lo))
             if self.spec.atari and cfg.frames_once:
-                self.groups[-1].stacker = FrameStacker()
+                self.groups[-1].stacker = FrameStacker(cfg.frames_hc)
         self.eps = eps
         self._next = 0
         self.episodes: list[dict[str, float]] = []

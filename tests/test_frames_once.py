@@ -65,10 +65,10 @@ def episodes(seed: int, K: int, T: int, p_end: float, noop_reset: bool):
 
 
 def run_actor(seed: int, K: int, T: int, steps: int, n: int, p_end: float, noop_reset: bool,
-              frames_once: bool) -> list[ExperienceChunk]:
+              frames_once: bool, hc: int = 0) -> list[ExperienceChunk]:
     """Chunks the actor's way (SegmentBuffer, frame table), through the wire."""
     seg = SegmentBuffer(K, steps, n, 0.9, A)
-    stacker = FrameStacker()
+    stacker = FrameStacker(hc)
     qrng = np.random.default_rng(seed + 1)
     chunks = []
     it = episodes(seed, K, T, p_end, noop_reset)
@@ -96,10 +96,11 @@ def batches(chunks: list[ExperienceChunk], capacity: int, batch: int):
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31), K=st.integers(1, 4), steps=st.integers(1, 6), n=st.integers(1, 4),
-       p_end=st.sampled_from([0.0, 0.1, 0.4]), noop_reset=st.booleans(), capacity=st.integers(5, 200))
-def test_round_trip_matches_whole_stacks(seed, K, steps, n, p_end, noop_reset, capacity) -> None:
+       p_end=st.sampled_from([0.0, 0.1, 0.4]), noop_reset=st.booleans(), capacity=st.integers(5, 200),
+       hc=st.sampled_from([0, 0, 4]))
+def test_round_trip_matches_whole_stacks(seed, K, steps, n, p_end, noop_reset, capacity, hc) -> None:
     T = 30
-    new = run_actor(seed, K, T, steps, n, p_end, noop_reset, frames_once=True)
+    new = run_actor(seed, K, T, steps, n, p_end, noop_reset, frames_once=True, hc=hc)
     old = run_actor(seed, K, T, steps, n, p_end, noop_reset, frames_once=False)
     assert len(new) == len(old)
     if not new:

@@ -123,8 +123,8 @@ class SegmentBuffer:
         return len(self.blobs) == self.L + 1
 
     def add_obs(self, blobs: list[bytes] | list[Stack], q: np.ndarray) -> None:
-        """The next observation of every env (compressed, or a stack of compressed frames) and the network's outputs for it [K, *out_shape]
-        (Q values [K, A] for double DQN)."""
+        """The next observation of every env (compressed, or a stack of compressed frames) and the
+        network's outputs for it [K, *out_shape] (Q values [K, A] for double DQN)."""
         if len(self.blobs) != self.num_steps:
             raise RuntimeError("add_obs and add_step must alternate, starting with add_obs")
         self.q[len(self.blobs)] = q

@@ -37,6 +37,7 @@ from apex_zmq.wire import (
 
 from .acting import make_acting
 from .common import EXPLORATION_CODES, EpisodeTracker, life_lost, take_weights
+from .frames import FrameStacker
 from .nstep import SegmentBuffer
 
 
@@ -75,6 +76,7 @@ class EnvGroup:
         self.in_flight = False
         self.valid = np.ones(k, dtype=bool)
         self.tracker = EpisodeTracker(k, first_slot)
+        self.stacker: FrameStacker | None = None  # set: observations go out as stacks of frame references
 
 
 class ActorCore:
@@ -124,6 +126,8 @@ class ActorCore:
                                 self.act.out_shape, self.act.priority_fn)
             lives = np.array(info["lives"]) if self.spec.atari else None
             self.groups.append(EnvGroup(env, lo, eps[lo:hi], seg, obs, lives, cfg.actor_index * K + lo))
+            if self.spec.atari and cfg.frames_once:
+                self.groups[-1].stacker = FrameStacker(cfg.frames_hc)
         self.eps = eps
         self._next = 0
         self.episodes: list[dict[str, float]] = []
@@ -166,7 +170,7 @@ class ActorCore:
         if self._check_agreement:
             self.agreement = self._measure_agreement(obs, q)
             self._check_agreement = False
-        grp.seg.add_obs(compress_obs(grp.obs), outputs)
+        grp.seg.add_obs(grp.stacker.add(grp.obs) if grp.stacker else compress_obs(grp.obs), outputs)
         chunk = self._chunk(grp) if grp.seg.full else None
         grp.actions = epsilon_greedy(q.numpy(), grp.eps, self.rng)
         grp.stepper.send(grp.actions)

@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from .frames import Stack, stack_table
+
 
 @dataclass
 class NStepTargets:
@@ -92,7 +94,10 @@ class SegmentBuffer:
     A segment holds L = steps + n - 1 steps and L + 1 observations. Rows 0..steps-1 are complete
     once the segment is full and are emitted; the last n - 1 steps (and n observations) are carried
     into the next segment, where they become complete. Observations are lz4-compressed as they
-    arrive; every observation of the segment goes into the chunk's frame table once.
+    arrive; every observation of the segment goes into the chunk's frame table once. Stacked
+    observations may come as stacks of frame references (``actor.frames``): then every frame the
+    segment's stacks refer to goes in once, and the chunk's indices are [n, S] (the wire's stack
+    layout). A chunk stays self-contained: it carries the older frames of its first stacks again.
     """
 
     def __init__(self, num_envs: int, steps: int, n: int, gamma: float, num_actions: int,
@@ -109,7 +114,7 @@ class SegmentBuffer:
         self.terminated = np.zeros((L, K), dtype=bool)
         self.truncated = np.zeros((L, K), dtype=bool)
         self.valid = np.zeros((L, K), dtype=bool)
-        self.blobs: list[list[bytes]] = []
+        self.blobs: list[list[bytes] | list[Stack]] = []
         self.num_steps = 0
 
     @property
@@ -117,9 +122,9 @@ class SegmentBuffer:
         """All L steps and L + 1 observations are in."""
         return len(self.blobs) == self.L + 1
 
-    def add_obs(self, blobs: list[bytes], q: np.ndarray) -> None:
-        """The next observation of every env (compressed) and the network's outputs for it [K, *out_shape]
-        (Q values [K, A] for double DQN)."""
+    def add_obs(self, blobs: list[bytes] | list[Stack], q: np.ndarray) -> None:
+        """The next observation of every env (compressed, or a stack of compressed frames) and the
+        network's outputs for it [K, *out_shape] (Q values [K, A] for double DQN)."""
         if len(self.blobs) != self.num_steps:
             raise RuntimeError("add_obs and add_step must alternate, starting with add_obs")
         self.q[len(self.blobs)] = q
@@ -142,10 +147,15 @@ class SegmentBuffer:
         K, E = self.K, self.steps
         tg = nstep_targets(self.rewards, self.terminated, self.truncated, self.valid, self.gamma, self.n)
         rows, envs = np.nonzero(tg.done[:E] & self.valid[:E])
+        blobs = [b for per_env in self.blobs for b in per_env]
+        obs_at, next_at = rows * K + envs, tg.boot[rows, envs] * K + envs
+        if blobs and isinstance(blobs[0], tuple):  # stacks of frame references: [n, S] indices
+            blobs, table = stack_table(blobs)
+            obs_idx, next_idx = table[obs_at], table[next_at]
+        else:
+            obs_idx, next_idx = obs_at.astype(np.int32), next_at.astype(np.int32)
         out = dict(
-            blobs=[b for per_env in self.blobs for b in per_env],
-            obs_idx=(rows * K + envs).astype(np.int32),
-            next_idx=(tg.boot[rows, envs] * K + envs).astype(np.int32),
+            blobs=blobs, obs_idx=obs_idx, next_idx=next_idx,
             action=self.actions[rows, envs].astype(np.int32),
             ret=tg.ret[rows, envs], disc=tg.disc[rows, envs],
             priority=self.priority_fn(self.q[rows, envs], self.q[tg.boot[rows, envs], envs],

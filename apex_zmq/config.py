@@ -187,6 +187,14 @@ class ActorConfig(Common):
     eps_alpha: float = _f(7.0, "epsilon ladder exponent (Ape-X: 7)")
     chunk_steps: int = _f(16, "vector-env steps per experience chunk (chunk = steps x envs transitions)")
     env_threads: int = _f(1, "ale-py threads stepping each env group of this actor")
+    # Off by default: measured under load (BENCHMARKS.md, "Frames stored once"), it stores 24-32% fewer bytes
+    # per Atari transition but a sampled batch needs ~3.5x more frame blobs, so the replay's sample + update
+    # CPU roughly doubled and the sample message grew 1.7x: the replay server is what bounds a GPU learner.
+    frames_once: bool = _f(False, "Atari: send each new frame once and observations as stacks of frame "
+                                  "references (the wire's stack layout: 24-32% less replay memory, ~2x the "
+                                  "replay's sampling CPU); off: each observation's whole stack")
+    frames_hc: int = _f(0, "with --frames-once: lz4 high-compression level of the frames, 1-12 (0: lz4's fast "
+                           "mode). 4: frames about a fifth smaller (Pong, MsPacman) for ~10x the compression CPU")
     env_groups: int = _f(2, "Atari: groups the K envs are split into; one group steps while the "
                             "network acts on the next (1: no overlap)")
     exploration: Literal["auto", "ladder", "noisy", "both"] = _f(

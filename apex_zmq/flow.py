@@ -104,12 +104,24 @@ def lz4_bound(n: int) -> int:
     return n + n // 255 + 16
 
 
-def sample_bytes(batch: int, obs_bytes: int) -> tuple[int, int]:
+def _blobs_bound(m: int, obs_bytes: int, stack: int) -> int:
+    """Most bytes of the blobs and offsets of ``m`` observations: one blob each, or with the wire's stack
+    layout ``stack`` frames each (every one distinct, as at an episode's start)."""
+    return m * stack * (lz4_bound(-(-obs_bytes // stack)) + 8) + 8
+
+
+def wire_stack(cfg: Any, spec: Any) -> int:
+    """Blobs per observation on the wire: an Atari stack's frames with ``--frames-once``, else 1."""
+    return spec.obs_shape[0] if spec.atari and getattr(cfg, "frames_once", True) else 1
+
+
+def sample_bytes(batch: int, obs_bytes: int, stack: int = 1) -> tuple[int, int]:
     """(smallest, largest) bytes of a ``sample`` message of ``batch`` items: at most 2 x batch distinct
     observations, each one lz4 block; at least the per-item arrays (every item may be one observation)."""
     per_item = 4 * 5 + 8 + 4  # obs_idx, next_idx, action, ret, disc (4 bytes each), ids (8), weight (4)
     m = 2 * batch
-    largest = HEADER_BYTES + m * lz4_bound(obs_bytes) + 8 * (m + 1) + per_item * batch + 10 * FRAME_BYTES
+    stacks = 8 * (stack - 1) * batch  # obs_idx and next_idx of S entries each with the stack layout
+    largest = HEADER_BYTES + _blobs_bound(m, obs_bytes, stack) + per_item * batch + stacks + 10 * FRAME_BYTES
     return per_item * batch + 8 * 2 + 1, largest
 
 
@@ -119,11 +131,11 @@ def priorities_bytes(batch: int) -> tuple[int, int]:
     return 12 * batch, HEADER_BYTES + 20 * batch + 4 * FRAME_BYTES
 
 
-def experience_bytes(cfg: Any, obs_bytes: int) -> int:
+def experience_bytes(cfg: Any, obs_bytes: int, stack: int = 1) -> int:
     """Largest ``experience`` message: ``chunk_steps`` x K transitions with their (chunk_steps + n)
     x K observations, K the most envs one group steps (at most --envs-per-actor)."""
     n, m = cfg.chunk_steps * cfg.envs_per_actor, (cfg.chunk_steps + cfg.n_step) * cfg.envs_per_actor
-    return HEADER_BYTES + m * lz4_bound(obs_bytes) + 8 * (m + 1) + 24 * n + 9 * FRAME_BYTES
+    return HEADER_BYTES + _blobs_bound(m, obs_bytes, stack) + (24 + 8 * (stack - 1)) * n + 9 * FRAME_BYTES
 
 
 @dataclass(frozen=True)
@@ -193,19 +205,20 @@ def wire_bytes(frames: list[Any]) -> int:
     return sum(len(memoryview(f).cast("B")) + FRAME_BYTES for f in frames)
 
 
-def links(cfg: Any, obs_bytes: int, weights_bytes: int | None = None) -> dict[str, Link]:
+def links(cfg: Any, obs_bytes: int, weights_bytes: int | None = None, stack: int = 1) -> dict[str, Link]:
     """Every socket pair of a run (``cfg`` has every role's settings, as ./run.sh's), given the raw bytes
     of one observation and the wire bytes of the learner's weights message (None: leave out the pairs
-    that carry model-sized messages, which the learner logs once it has its network)."""
+    that carry model-sized messages, which the learner logs once it has its network); ``stack``: blobs
+    per observation on the wire (``wire_stack``)."""
     telemetry = MAX_HEADER_BYTES + FRAME_BYTES
     out: dict[str, Link] = {}
     if cfg.algo in ASYNC_ALGOS:  # no replay: gradients in (model-sized, with the weights below)
         sender = ("actor_learner", "telemetry")
     else:
-        small_s, large_s = sample_bytes(cfg.batch_size, obs_bytes)
+        small_s, large_s = sample_bytes(cfg.batch_size, obs_bytes, stack)
         small_p, large_p = priorities_bytes(cfg.batch_size)
         out["experience"] = _link(cfg, "experience", ("actor", "experience"), ("replay_server", "experience"),
-                                  experience_bytes(cfg, obs_bytes))
+                                  experience_bytes(cfg, obs_bytes, stack))
         out["samples"] = _link(cfg, "samples", ("replay_server", "samples"), ("learner", "samples"), large_s,
                                small_s, pipes=max(1, cfg.loader_threads))
         out["priorities"] = _link(cfg, "priorities", ("learner", "priorities"), ("replay_server", "priorities"),
@@ -293,7 +306,7 @@ def for_run(cfg: Any) -> dict[str, Link]:
     names, arrays = state_arrays(net)
     weights = wire_bytes(encode(Weights(sender="learner", seq=2**62, version=2**62, names=names,
                                                    arrays=arrays, incarnation=2**52)))
-    return links(cfg, obs_bytes(spec), weights)
+    return links(cfg, obs_bytes(spec), weights, wire_stack(cfg, spec))
 
 
 def obs_bytes(spec: Any) -> int:

@@ -401,7 +401,8 @@ def print_bounds(cfg: C.LaunchConfig) -> None:
     """What may be in flight between the roles (apex_zmq/flow.py), and how far priorities may lag; the
     weights pair in the learner's log (its size needs the network)."""
     from .envs import env_spec
-    plan = flow.links(cfg, flow.obs_bytes(env_spec(cfg.env)))
+    spec = env_spec(cfg.env)
+    plan = flow.links(cfg, flow.obs_bytes(spec), stack=flow.wire_stack(cfg, spec))
     print("\n".join(f"run.sh: in flight, at most: {line}" for line in flow.describe(cfg, plan)), flush=True)
 
 

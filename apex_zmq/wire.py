@@ -8,6 +8,11 @@ decoder checks against the type's schema before any array is touched. Never pick
 Observations travel as an lz4 "frame table": ``frame_data`` (the compressed blobs end to end) and
 ``frame_offsets`` ([m + 1] int64), referred to by index from ``obs_idx`` / ``next_idx``. The actor
 compresses, the replay server stores and forwards the blobs untouched, the learner decompresses.
+
+Stacked observations (Atari's [S, 84, 84]: the last S frames) may travel as single frames ("stack"
+layout, header field ``stack`` = S): each blob is one frame [84, 84], ``obs_idx`` / ``next_idx`` are
+[n, S] (oldest frame first), so a frame shared by S consecutive stacks is sent, stored and
+decompressed once. Without the field a blob is a whole observation and the indices are [n].
 """
 
 from __future__ import annotations
@@ -107,6 +112,16 @@ def _literal_frames(data: memoryview, offsets: np.ndarray, size: int, out: np.nd
     return lit
 
 
+def frame_shape(obs_shape: Sequence[int], stack: int) -> tuple[int, ...]:
+    """The shape of one blob: the observation, or with the stack layout one frame of it."""
+    return tuple(obs_shape[1:]) if stack > 1 else tuple(obs_shape)
+
+
+def stack_of(idx: np.ndarray) -> int:
+    """The layout of a message's index arrays: S for [n, S] (stack layout), 1 for [n]."""
+    return int(idx.shape[1]) if np.ndim(idx) == 2 else 1
+
+
 def decompress_frames(data: memoryview | bytes, offsets: np.ndarray, shape: Sequence[int],
                       dtype: str) -> np.ndarray:
     """Decompress every blob of a frame table into one array [m, *shape]; WireError on a bad blob."""
@@ -157,8 +172,8 @@ class ExperienceChunk:
     obs_dtype: str
     frame_data: bytes | memoryview
     frame_offsets: np.ndarray  # [m + 1] int64
-    obs_idx: np.ndarray        # [n] int32, index into the frame table
-    next_idx: np.ndarray       # [n] int32, observation to bootstrap from
+    obs_idx: np.ndarray        # [n] int32, index into the frame table ([n, S] with the stack layout)
+    next_idx: np.ndarray       # [n] int32, observation to bootstrap from ([n, S] likewise)
     action: np.ndarray         # [n] int32
     ret: np.ndarray            # [n] float32, discounted n-step return
     disc: np.ndarray           # [n] float32, bootstrap discount (0 after termination)
@@ -177,7 +192,7 @@ class SampleBatch:
     obs_dtype: str
     frame_data: bytes | memoryview
     frame_offsets: np.ndarray
-    obs_idx: np.ndarray
+    obs_idx: np.ndarray        # [n] int32 ([n, S] with the stack layout)
     next_idx: np.ndarray
     action: np.ndarray
     ret: np.ndarray
@@ -282,7 +297,8 @@ def _encode_arrays(t: str, header: dict[str, Any], arrays: dict[str, Any]) -> li
             frames.append(a)
             specs.append([name, len(a)])
         else:
-            a = np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<"))  # no copy on x86/ARM
+            # no copy on x86/ARM; flat: an [n, S] index array goes as its n x S entries
+            a = np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<")).reshape(-1)
             frames.append(a.data)
             specs.append([name, int(a.size)])
     header["a"] = specs
@@ -290,18 +306,30 @@ def _encode_arrays(t: str, header: dict[str, Any], arrays: dict[str, Any]) -> li
     return frames
 
 
+def _layout(obs_idx: np.ndarray, obs_shape: Sequence[int]) -> dict[str, int]:
+    """The header field of the stack layout (absent: whole observations, so old messages stay as they were)."""
+    stack = stack_of(obs_idx)
+    if stack == 1:
+        return {}
+    if stack != obs_shape[0]:
+        raise ValueError(f"stacks of {stack} frames for observations {list(obs_shape)}")
+    return {"stack": stack}
+
+
 def encode(msg: ExperienceChunk | SampleBatch | PriorityUpdate | Weights | Gradients | Telemetry) -> list[Any]:
     """Encode a message into multipart frames (large arrays are referenced, not copied)."""
     if isinstance(msg, ExperienceChunk):
         h = _header("experience", msg.sender, msg.seq, shape=list(msg.obs_shape), dtype=msg.obs_dtype,
-                    **({"inc": int(msg.incarnation)} if msg.incarnation else {}))  # optional: absent is 0
+                    **({"inc": int(msg.incarnation)} if msg.incarnation else {}),  # optional: absent is 0
+                    **_layout(msg.obs_idx, msg.obs_shape))
         return _encode_arrays("experience", h, vars(msg))
     if isinstance(msg, SampleBatch):
         # "shard" and "mass" are optional (absent: shard 0, mass unknown): a one-shard replay's
         # batches are byte for byte what they were before shards, so schema 2 readers take both.
         h = _header("sample", msg.sender, msg.seq, shape=list(msg.obs_shape), dtype=msg.obs_dtype,
                     inc=int(msg.incarnation), **({"shard": int(msg.shard)} if msg.shard else {}),
-                    **({"mass": float(msg.mass)} if msg.mass is not None else {}))
+                    **({"mass": float(msg.mass)} if msg.mass is not None else {}),
+                    **_layout(msg.obs_idx, msg.obs_shape))
         return _encode_arrays("sample", h, vars(msg))
     if isinstance(msg, PriorityUpdate):
         return _encode_arrays("priorities", _header("priorities", msg.sender, msg.seq, inc=int(msg.incarnation)),
@@ -398,10 +426,23 @@ def _decode_arrays(t: str, h: dict[str, Any], frames: Frames) -> dict[str, Any]:
     return out
 
 
-def _check_transitions(a: dict[str, Any], h: dict[str, Any]) -> int:
+def _stack(h: dict[str, Any], shape: tuple[int, ...]) -> int:
+    """S of the stack layout (1 without it): observations [S, *frame] sent as S single frames."""
+    if "stack" not in h:
+        return 1
+    s = h["stack"]
+    _need(_is_int(s) and 2 <= s <= 64, f"stack must be an int in [2, 64], got {s!r}")
+    _need(len(shape) >= 2 and shape[0] == s, f"stack {s} does not match obs shape {list(shape)}")
+    return s
+
+
+def _check_transitions(a: dict[str, Any], h: dict[str, Any], stack: int = 1) -> int:
     n = len(a["action"])
     for name in _TRANSITION_ARRAYS:
-        _need(len(a[name]) == n, f"{name} has {len(a[name])} entries, expected {n}")
+        per = stack if name in ("obs_idx", "next_idx") else 1
+        _need(len(a[name]) == n * per, f"{name} has {len(a[name])} entries, expected {n * per}")
+    if stack > 1:
+        a["obs_idx"], a["next_idx"] = a["obs_idx"].reshape(n, stack), a["next_idx"].reshape(n, stack)
     off = a["frame_offsets"]
     m = len(off) - 1
     _need(m >= 1, "frame table is empty")
@@ -425,7 +466,7 @@ def decode_experience(frames: Frames) -> ExperienceChunk:
     h = _parse_header(frames, "experience")
     shape, dtype = _obs_spec(h)
     a = _decode_arrays("experience", h, frames)
-    n = _check_transitions(a, h)
+    n = _check_transitions(a, h, _stack(h, shape))
     _need(len(a["priority"]) == n, f"priority has {len(a['priority'])} entries, expected {n}")
     _check_priorities(a["priority"])
     inc = _incarnation(h) if "inc" in h else 0
@@ -437,7 +478,7 @@ def decode_sample(frames: Frames) -> SampleBatch:
     h = _parse_header(frames, "sample")
     shape, dtype = _obs_spec(h)
     a = _decode_arrays("sample", h, frames)
-    n = _check_transitions(a, h)
+    n = _check_transitions(a, h, _stack(h, shape))
     _need(len(a["ids"]) == n and len(a["weight"]) == n, "ids/weight length differs from the batch")
     _need(n == 0 or a["ids"].min() >= 0, "negative item id")
     _need(bool(np.all(np.isfinite(a["weight"]))) and bool(np.all(a["weight"] >= 0)), "bad weights")

@@ -29,8 +29,9 @@ def print_machine() -> None:
     print(machine_line(), flush=True)
 
 
-def real_chunks(env: str, count: int, envs: int = 32, acting_dtype: str = "auto") -> list:
-    """``count`` real experience chunks from ``env``, made by the actor's own core.
+def real_chunks(env: str, count: int, envs: int = 32, acting_dtype: str = "auto", frames_once: bool = False) -> list:
+    """``count`` real experience chunks from ``env``, made by the actor's own core (``frames_once``
+    False: Atari observations as whole stacks, not the stack layout).
 
     Random Q values stand in for the network (a random policy that still goes through the epsilon
     ladder, n-step returns, priorities and lz4), so the frames are real game frames.
@@ -41,7 +42,8 @@ def real_chunks(env: str, count: int, envs: int = 32, acting_dtype: str = "auto"
     from apex_zmq import config as C
     cfg = C.resolve(C.parse(C.ActorConfig, ["--env", env, "--run-dir", tempfile.gettempdir(),
                                             "--envs-per-actor", str(envs), "--env-threads", "2",
-                                            "--acting-dtype", acting_dtype], "actor"))
+                                            "--acting-dtype", acting_dtype,
+                                            "--frames-once" if frames_once else "--no-frames-once"], "actor"))
     core = ActorCore(cfg)
     n_actions = core.spec.num_actions
     core.policy = lambda obs: torch.randn(len(obs), n_actions)

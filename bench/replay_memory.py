@@ -10,7 +10,7 @@ in place of the network, and pushes the chunks over ZeroMQ. The per-transition f
 so it includes everything the server holds per item: compressed frames, per-item arrays, the
 sum-tree and any Python objects.
 
-    .venv/bin/python bench/replay_memory.py [--transitions 100000]
+    .venv/bin/python bench/replay_memory.py [--transitions 100000] [--actor-args='--frames-once --frames-hc 4']
 
 Last line: ``bytes_per_transition_mspacman=<x> bytes_per_transition_pong=<y>``.
 """
@@ -90,14 +90,14 @@ class Server:
         self.tel.close()
 
 
-def fill(env: str, transitions: int, envs: int) -> tuple[int, int, float]:
+def fill(env: str, transitions: int, envs: int, actor_args: list[str]) -> tuple[int, int, float]:
     """Fill a server with ``transitions``; returns (rss_full, size, seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(env, transitions, tmp)
         try:
             server.size()  # up and reporting
             cfg = C.resolve(C.parse(C.ActorConfig, ["--env", env, "--run-dir", tmp, "--envs-per-actor",
-                                                    str(envs), "--env-threads", "2",
+                                                    str(envs), "--env-threads", "2", *actor_args,
                                                     *endpoint_flags(server.base)], "actor"))
             core = ActorCore(cfg)
             n_actions = core.spec.num_actions
@@ -135,12 +135,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--transitions", type=int, default=100_000)
     ap.add_argument("--envs", type=int, default=32)
+    ap.add_argument("--actor-args", default="", help="more actor flags, e.g. '--frames-once' or '--frames-once --frames-hc 4'")
     args = ap.parse_args()
     print_machine()
     results = {}
     for env in ("ALE/MsPacman-v5", "ALE/Pong-v5"):
         base = empty_rss(env)
-        full, size, secs = fill(env, args.transitions, args.envs)
+        full, size, secs = fill(env, args.transitions, args.envs, args.actor_args.split())
         per = (full - base) / size
         name = env.split("/")[1].split("-")[0].lower()
         results[name] = per

@@ -257,7 +257,7 @@ def run_cpprb(size: int, batch: int, seconds: float) -> float:
         raise SystemExit("cpprb is needed for the reference: .venv/bin/pip install -r requirements-bench.txt")
 
     from apex_zmq.wire import decompress_frames
-    chunks = real_chunks(ENV, 8)
+    chunks = real_chunks(ENV, 8, frames_once=False)  # whole stacks: cpprb stores them itself
     frames = np.concatenate([decompress_frames(c.frame_data, c.frame_offsets, c.obs_shape, c.obs_dtype)
                              for c in chunks])
     rb = PrioritizedReplayBuffer(size, {"obs": {"shape": (4, 84, 84), "dtype": np.uint8},

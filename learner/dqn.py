@@ -13,7 +13,7 @@ from torch import nn
 
 from apex_zmq import optim
 from apex_zmq.distributional import noisy_layers, resample_shared_noise
-from apex_zmq.wire import SampleBatch, WireError, decompress_frames_tolerant
+from apex_zmq.wire import SampleBatch, WireError, decompress_frames_tolerant, frame_shape, stack_of
 
 
 @dataclass
@@ -47,22 +47,33 @@ def batch_from_sample(s: SampleBatch, num_actions: int, device: torch.device,
                         f"{obs_spec[1]}{list(obs_spec[0])}")
     if len(s.action) and int(s.action.max()) >= num_actions:
         raise WireError(f"action {int(s.action.max())} outside [0, {num_actions})")
-    data, bad_frames = decompress_frames_tolerant(s.frame_data, s.frame_offsets, s.obs_shape, s.obs_dtype)
+    # Stack layout: each blob is one frame, decompressed once however many stacks hold it; the
+    # stacks [n, S, *frame] are gathered from the frames by index.
+    stack = stack_of(s.obs_idx)
+    data, bad_frames = decompress_frames_tolerant(s.frame_data, s.frame_offsets, frame_shape(s.obs_shape, stack),
+                                                  s.obs_dtype)
     frames = torch.from_numpy(data)
     bad = bad_frames[s.obs_idx] | bad_frames[s.next_idx]
+    if stack > 1:
+        bad = bad.any(axis=1)
     keep = np.flatnonzero(~bad)
-    obs_idx = torch.from_numpy(s.obs_idx[keep].astype(np.int64))
-    next_idx = torch.from_numpy(s.next_idx[keep].astype(np.int64))
-    # index_select: ~7x faster than frames[idx] on uint8 stacks (27.6 vs 3.7 ms for a 512 Pong batch).
-    tensors = dict(obs=frames.index_select(0, obs_idx), next_obs=frames.index_select(0, next_idx),
+    obs_idx = torch.from_numpy(s.obs_idx[keep].reshape(-1).astype(np.int64))
+    next_idx = torch.from_numpy(s.next_idx[keep].reshape(-1).astype(np.int64))
+    shape = (len(keep), *s.obs_shape)
+    # The distinct frames (or observations) go to the device and are stacked there: on a GPU the host
+    # copies each frame once, not once per stack that holds it.
+    tensors = dict(frames=frames, obs_idx=obs_idx, next_idx=next_idx,
                    action=torch.from_numpy(s.action[keep].astype(np.int64)),
                    ret=torch.from_numpy(s.ret[keep]), disc=torch.from_numpy(s.disc[keep]),
                    weight=torch.from_numpy(s.weight[keep]))
     if pin:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
     tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
-    if channels_last:
-        for k in ("obs", "next_obs"):
+    frames = tensors.pop("frames")
+    # index_select: ~7x faster than frames[idx] on uint8 stacks (27.6 vs 3.7 ms for a 512 Pong batch).
+    for k, idx in (("obs", tensors.pop("obs_idx")), ("next_obs", tensors.pop("next_idx"))):
+        tensors[k] = frames.index_select(0, idx).view(shape)
+        if channels_last:
             tensors[k] = tensors[k].contiguous(memory_format=torch.channels_last)
     return Batch(ids=np.array(s.ids[keep]), incarnation=s.incarnation, shard=s.shard,
                  bad_ids=np.unique(np.asarray(s.ids)[bad]), **tensors)

@@ -11,7 +11,15 @@ from apex_zmq import config as C
 from apex_zmq import flow
 from apex_zmq.envs import env_spec
 from apex_zmq.transport import Sockets, install_stop, run_role
-from apex_zmq.wire import Telemetry, WireError, decode_experience, decode_priorities, encode, new_incarnation
+from apex_zmq.wire import (
+    Telemetry,
+    WireError,
+    decode_experience,
+    decode_priorities,
+    encode,
+    new_incarnation,
+    stack_of,
+)
 
 from .ledger import SenderLedger
 from .replay import PrioritizedReplay, SampleToInsertRatio, annealed_beta
@@ -73,6 +81,10 @@ class ReplayService:
                                 f"holds {self.spec.obs_dtype}{list(self.spec.obs_shape)} ({self.spec.env_id})")
             if len(chunk.action) and int(chunk.action.max()) >= self.spec.num_actions:
                 raise WireError(f"action outside [0, {self.spec.num_actions})")
+            if self.replay.obs_shape is not None and stack_of(chunk.obs_idx) != self.replay.stack:
+                # One layout per replay (the first chunk's): an actor with the other --frames-once.
+                raise WireError(f"observations as stacks of {stack_of(chunk.obs_idx)} blobs, this replay "
+                                f"holds stacks of {self.replay.stack}")
         except WireError:
             self.counts["rejected_experience"] += 1
             return False

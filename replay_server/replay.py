@@ -9,9 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from apex_zmq.wire import ExperienceChunk, SampleBatch
+from apex_zmq.wire import ExperienceChunk, SampleBatch, stack_of
 
 from .sumtree import SumTree
+
+
+def _layout(idx: np.ndarray, b: int, stack: int) -> np.ndarray:
+    """A sample's index array: [b] for whole observations, [b, S] for stacks of frames."""
+    idx = idx.astype(np.int32)
+    return idx if stack == 1 else idx.reshape(b, stack)
 
 
 def importance_weights(priorities: np.ndarray, total: float, size: int, beta: float) -> np.ndarray:
@@ -37,7 +43,9 @@ class PrioritizedReplay:
     updates naming it meanwhile are ignored (and counted) rather than bringing it back.
     Observations are kept as the actor's lz4 blobs, once per chunk: a transition refers to its
     observation and bootstrap observation by index into its chunk's frame table. A chunk's bytes
-    are freed when its last transition is evicted.
+    are freed when its last transition is evicted. With the wire's stack layout (Atari) a blob is
+    one frame and an observation S frame references: each frame of a chunk is stored once, however
+    many stacks hold it, and the replay never decompresses anything.
     """
 
     def __init__(self, capacity: int, alpha: float = 0.6, priority_eps: float = 1e-6,
@@ -50,11 +58,11 @@ class PrioritizedReplay:
         self.ids = np.full(capacity, -1, dtype=np.int64)
         self.chunk = np.full(capacity, -1, dtype=np.int64)
         # Byte range of each item's observation and bootstrap observation inside its chunk's blob
-        # (sampling slices blobs with these, no per-frame Python objects or offset tables kept).
-        self.obs_lo = np.zeros(capacity, dtype=np.int32)
-        self.obs_hi = np.zeros(capacity, dtype=np.int32)
-        self.next_lo = np.zeros(capacity, dtype=np.int32)
-        self.next_hi = np.zeros(capacity, dtype=np.int32)
+        # (sampling slices blobs with these, no per-frame Python objects or offset tables kept);
+        # [capacity, S] with the stack layout: the range of each frame of the stack.
+        self._snapshot: ReplaySnapshot | None = None  # the snapshot being copied, if any
+        self.stack = 1
+        self._set_stack(1)
         self.action = np.zeros(capacity, dtype=np.int32)
         self.ret = np.zeros(capacity, dtype=np.float32)
         self.disc = np.zeros(capacity, dtype=np.float32)
@@ -73,7 +81,15 @@ class PrioritizedReplay:
         self.removed = 0          # items taken out of sampling
         self.removed_updates = 0  # priority updates naming a removed item: ignored
         self.stored_bytes = 0
-        self._snapshot: ReplaySnapshot | None = None  # the snapshot being copied, if any
+
+    def _set_stack(self, stack: int) -> None:
+        """Frames per stored observation (1: whole observations); only while the replay is empty."""
+        shape = (self.capacity,) if stack == 1 else (self.capacity, stack)
+        self.stack = stack
+        for k in ("obs_lo", "obs_hi", "next_lo", "next_hi"):
+            setattr(self, k, np.zeros(shape, dtype=np.int32))
+            if self._snapshot is not None:  # of the empty replay: its ranges are zeros in either shape
+                self._snapshot.slots[k] = np.zeros(shape, dtype=np.int32)
 
     @property
     def size(self) -> int:
@@ -85,11 +101,16 @@ class PrioritizedReplay:
 
     def add(self, chunk: ExperienceChunk) -> np.ndarray:
         """Store a chunk's transitions; returns their ids. Evicts the oldest items at capacity."""
+        stack = stack_of(chunk.obs_idx)
         if self.obs_shape is None:
             self.obs_shape, self.obs_dtype = tuple(chunk.obs_shape), chunk.obs_dtype
+            if stack != self.stack:
+                self._set_stack(stack)
         elif (tuple(chunk.obs_shape), chunk.obs_dtype) != (self.obs_shape, self.obs_dtype):
             raise ValueError(f"chunk observations are {chunk.obs_dtype}{list(chunk.obs_shape)}, "
                              f"replay holds {self.obs_dtype}{list(self.obs_shape)}")
+        if stack != self.stack:  # one layout per replay: a sample's indices have one shape
+            raise ValueError(f"chunk observations are stacks of {stack} blobs, replay holds {self.stack}")
         if len(chunk.frame_data) >= 1 << 31:  # checked before anything changes
             raise ValueError(f"a chunk of {len(chunk.frame_data)} bytes: chunks must stay under 2 GiB")
         n = len(chunk.action)
@@ -161,12 +182,15 @@ class PrioritizedReplay:
     def _gather(self, slots: np.ndarray, weights: np.ndarray, seq: int) -> SampleBatch:
         # One frame table for the batch, each distinct observation once. A frame is identified by
         # its chunk and byte offset; the slicing loop below is the only per-frame Python work.
-        b = len(slots)
-        cids = self.chunk[slots]
-        lo = np.concatenate([self.obs_lo[slots], self.next_lo[slots]]).astype(np.int64)
-        hi = np.concatenate([self.obs_hi[slots], self.next_hi[slots]])
+        # With the stack layout the blobs are single frames: each is sent once however many of the
+        # batch's stacks hold it, and the indices come out [b, S].
+        b, S = len(slots), self.stack
+        cids = np.repeat(self.chunk[slots], S)
+        lo = np.concatenate([self.obs_lo[slots].ravel(), self.next_lo[slots].ravel()]).astype(np.int64)
+        hi = np.concatenate([self.obs_hi[slots].ravel(), self.next_hi[slots].ravel()])
         uniq, first, inverse = np.unique(np.concatenate([cids, cids]) << 32 | lo, return_index=True,
                                          return_inverse=True)
+        inverse = inverse.reshape(-1)  # numpy 2.0 and 2.1 give it the input's shape, others flat
         chunks = self._chunks
         blobs = [chunks[c][s:e] for c, s, e in zip((uniq >> 32).tolist(), (uniq & 0xFFFFFFFF).tolist(),
                                                    hi[first].tolist())]
@@ -175,7 +199,7 @@ class PrioritizedReplay:
         return SampleBatch(
             seq=seq, obs_shape=self.obs_shape, obs_dtype=self.obs_dtype,
             frame_data=b"".join(blobs), frame_offsets=offsets,
-            obs_idx=inverse[:b].astype(np.int32), next_idx=inverse[b:].astype(np.int32),
+            obs_idx=_layout(inverse[:b * S], b, S), next_idx=_layout(inverse[b * S:], b, S),
             action=self.action[slots], ret=self.ret[slots], disc=self.disc[slots],
             ids=self.ids[slots], weight=weights)
 
@@ -279,6 +303,8 @@ class PrioritizedReplay:
             shape, dtype = (str(x) for x in z["obs_spec"])
             r.obs_shape = None if shape == "None" else tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
             r.obs_dtype = None if dtype == "None" else dtype
+            if z["slot_obs_lo"].ndim == 2:  # a replay of the stack layout
+                r._set_stack(int(z["slot_obs_lo"].shape[1]))
             for k in cls._SLOT_ARRAYS:
                 if k == "gone" and "slot_gone" not in z.files:
                     # A snapshot from before the flag: its removed items are the stored ones at
@@ -347,7 +373,7 @@ class ReplaySnapshot:
             if whole:
                 dst[a:b] = getattr(r, k)[a:b]
             else:
-                np.copyto(dst[a:b], getattr(r, k)[a:b], where=keep)
+                np.copyto(dst[a:b], getattr(r, k)[a:b], where=keep.reshape(-1, *[1] * (dst.ndim - 1)))
         np.copyto(self.leaves[a:b], r.tree.leaves(a, b), where=keep)
         # Copied slots hold chunks still stored now; preserved ones had theirs kept by ``preserve``.
         self._keep_chunks(self.slots["chunk"][a:b][self.slots["ids"][a:b] >= 0])

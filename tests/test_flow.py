@@ -158,6 +158,16 @@ def test_message_sizes_bound_real_messages() -> None:
         size = flow.wire_bytes(wire.encode(msg))
         small, large = flow.sample_bytes(batch, obs[0].nbytes)
         assert small <= size <= large
+    # The stack layout at its largest: every frame of every stack distinct and incompressible.
+    frames = (rng.random((2 * batch * 4, 84, 84)) * 255).astype(np.uint8)
+    data, offsets = wire.frame_table(wire.compress_obs(frames))
+    idx = np.arange(2 * batch * 4, dtype=np.int32).reshape(2 * batch, 4)
+    msg = wire.SampleBatch(seq=1, obs_shape=(4, 84, 84), obs_dtype="uint8", frame_data=data, frame_offsets=offsets,
+                           obs_idx=idx[:batch], next_idx=idx[batch:], action=np.zeros(batch, np.int32),
+                           ret=np.zeros(batch, np.float32), disc=np.zeros(batch, np.float32),
+                           ids=np.arange(batch, dtype=np.int64), weight=np.ones(batch, np.float32))
+    small, large = flow.sample_bytes(batch, 4 * 84 * 84, stack=4)
+    assert small <= flow.wire_bytes(wire.encode(msg)) <= large
     upd = wire.PriorityUpdate(sender="learner", seq=1, ids=np.arange(batch), priority=np.ones(batch, np.float32),
                               remove=np.arange(batch))
     small, large = flow.priorities_bytes(batch)

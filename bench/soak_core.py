@@ -376,6 +376,8 @@ def actor_processes(messages: Sequence[Message]) -> dict[str, list[ActorProcess]
             elif (hit := _REPLAY_TAG.fullmatch(tag)) and "replay/incarnation" in msg.m:
                 name, inc = hit.group(1), int(hit.group(2))
                 p = f"replay/from/{name}/{inc}/"
+                if any(p + k not in msg.m for k in ("first_seq", "last_seq", "transitions")):
+                    continue  # a report that split this sender's counters: its next one has them all
                 key = (msg.m["replay/incarnation"], name, inc)
                 first = int(msg.m[p + "first_seq"])
                 seg = segs.setdefault(key, Segment(key[0], name, inc, first, first - 1, first_t=msg.t))

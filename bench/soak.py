@@ -520,13 +520,32 @@ def soak_env(env: str, args: argparse.Namespace, mode: str, stop: threading.Even
         horizon = time.time()
     finally:
         system.stop()
+    # What the analysis needs goes to files first: a fault in the analysis must not lose an hour's run
+    # (--reanalyse RUN_DIR runs it again from them).
     with open(run_dir / "soak_samples.csv", "w") as f:
         f.write("time,role,pid,rss_kb,threads,fds,draining,queue_bytes\n")
         f.writelines(f"{s.t:.3f},{s.role},{s.pid},{s.rss_kb},{s.threads},{s.fds},{s.draining},{s.queue}\n"
                      for s in samples)
-    msgs = messages(run_dir)
-    reports, procs, losses = analyse(system.roles, msgs, done, samples, restarts, ready, horizon, args)
     (run_dir / "soak_faults.json").write_text(json.dumps([dataclasses.asdict(d) for d in done], indent=1))
+    (run_dir / "soak_meta.json").write_text(json.dumps(
+        {"env": env, "mode": mode, "roles": system.roles, "ready": ready, "horizon": horizon,
+         "restarts": restarts}, indent=1))
+    return report(run_dir, args)
+
+
+def report(run_dir: Path, args: argparse.Namespace) -> S.Verdict:
+    """Analyse a soak's run directory (its metrics.csv and the soak_*.{csv,json} written at its end),
+    print the report and return the verdict."""
+    meta = json.loads((run_dir / "soak_meta.json").read_text())
+    done = [S.Done(**d) for d in json.loads((run_dir / "soak_faults.json").read_text())]
+    with open(run_dir / "soak_samples.csv") as f:
+        next(f)
+        samples = [Sample(float(t), role, *(int(x) for x in rest))
+                   for t, role, *rest in (line.strip().split(",") for line in f if line.strip())]
+    env, mode, roles = meta["env"], meta["mode"], meta["roles"]
+    msgs = messages(run_dir)
+    reports, procs, losses = analyse(roles, msgs, done, samples, meta["restarts"], meta["ready"],
+                                     meta["horizon"], args)
     v = S.verdict(reports, losses, bounds_of(args))
     print(f"soak: faults of {env}:")
     print_faults(done)
@@ -542,6 +561,7 @@ def soak_env(env: str, args: argparse.Namespace, mode: str, stop: threading.Even
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--reanalyse", metavar="RUN_DIR", help="only analyse a finished soak's run directory again")
     p.add_argument("--minutes", type=float, required=True, help="minutes of chaos per env, after the system is ready")
     p.add_argument("--env", default="MinAtar/Breakout-v0", help="env id, or a comma list soaked in turn (ALE/Pong-v5)")
     p.add_argument("--mode", choices=("auto", "netns", "single"), default="auto")
@@ -573,6 +593,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.reanalyse:
+        return 0 if report(Path(args.reanalyse), args).ok else 1
     mode, why = choose_mode(args.mode)
     print(f"soak: mode {mode}" + (f" ({why})" if why else ""), flush=True)
     stop = threading.Event()

@@ -191,7 +191,7 @@ class ActorConfig(Common):
     # per Atari transition but a sampled batch needs ~3.5x more frame blobs, so the replay's sample + update
     # CPU roughly doubled and the sample message grew 1.7x: the replay server is what bounds a GPU learner.
     frames_once: bool = _f(False, "Atari: send each new frame once and observations as stacks of frame "
-                                  "references (the wire's stack layout: 24-32% less replay memory, ~2x the "
+                                  "references (the wire's stack layout: a quarter to a third less replay memory, ~2x the "
                                   "replay's sampling CPU); off: each observation's whole stack")
     frames_hc: int = _f(0, "with --frames-once: lz4 high-compression level of the frames, 1-12 (0: lz4's fast "
                            "mode). 4: frames about a fifth smaller (Pong, MsPacman) for ~10x the compression CPU")

@@ -155,7 +155,7 @@ class Common:
     noisy: Literal["auto", "on", "off"] = _f("auto", "NoisyNet linear layers in the head (auto: on for "
                                                      "rainbow, off for iqn; dqn has none)")
     sigma0: float = _f(0.5, "NoisyNet factorised-noise sigma_0")
-    dueling: bool = _f(True, "iqn: dueling head (dqn and rainbow are always dueling)")
+    dueling: bool = _f(True, "dqn and iqn: dueling head, else one head (rainbow is always dueling)")
     n_cos: int = _f(64, "iqn: cosine features of the quantile embedding")
     iqn_n: int = _f(64, "iqn: quantile samples N of the online network in the loss")
     iqn_n_prime: int = _f(64, "iqn: quantile samples N' of the target network in the loss")
@@ -622,6 +622,8 @@ def net_options(cfg: Any) -> dict[str, Any]:
         return dict(atoms=cfg.atoms, vmin=cfg.v_min, vmax=cfg.v_max, noisy=uses_noisy(cfg), sigma0=cfg.sigma0)
     if cfg.algo == "iqn":
         return dict(n_cos=cfg.n_cos, dueling=cfg.dueling, noisy=uses_noisy(cfg), sigma0=cfg.sigma0)
+    if cfg.algo == "dqn" and not cfg.dueling:  # the default says nothing: checkpoints from before load as they were
+        return dict(dueling=False)
     return {}
 
 

@@ -16,7 +16,7 @@ from .networks import build_dqn_network
 
 
 def build_network(spec: EnvSpec, hidden: int, algo: str = "dqn", **options: Any) -> nn.Module:
-    """The network ``algo`` learns for ``spec``: for dqn the dueling Q network; for rainbow and iqn
+    """The network ``algo`` learns for ``spec``: for dqn the dueling (``dueling=False``: single-head) Q network; for rainbow and iqn
     ``distributional.build_distributional_network`` with ``options`` (``config.net_options``) on the same
     torso; for the asynchronous family Mnih et al. 2016's (``asyncrl.build_async_network``)."""
     if algo in ASYNC_ALGOS:
@@ -25,6 +25,6 @@ def build_network(spec: EnvSpec, hidden: int, algo: str = "dqn", **options: Any)
         return build_async_network(spec, hidden, algo)
     if algo != "dqn":  # rainbow, iqn; another name is refused there, naming the choices
         return build_distributional_network(spec, hidden, algo, **options)
-    if options:
-        raise ValueError(f"dqn's network takes no options, got {sorted(options)}")
-    return build_dqn_network(spec, hidden)
+    if set(options) - {"dueling"}:
+        raise ValueError(f"dqn's network takes only the option 'dueling', got {sorted(options)}")
+    return build_dqn_network(spec, hidden, **options)

@@ -28,12 +28,14 @@ from .torsos import (  # noqa: F401
 
 
 class Dueling(nn.Module):
-    """Q(s, a) = V(s) + A(s, a) - mean_a A(s, a) on top of a feature torso."""
+    """Q(s, a) = V(s) + A(s, a) - mean_a A(s, a) on top of a feature torso; with ``dueling=False`` one
+    head, Q(s, a) = A(s, a) (Mnih et al. 2015's, and Young & Tian's for MinAtar: half the head's cost)."""
 
-    def __init__(self, torso: nn.Module, features: int, hidden: int, num_actions: int) -> None:
+    def __init__(self, torso: nn.Module, features: int, hidden: int, num_actions: int,
+                 dueling: bool = True) -> None:
         super().__init__()
         self.torso = torso
-        self.value = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.value = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1)) if dueling else None
         self.advantage = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(),
                                        nn.Linear(hidden, num_actions))
 
@@ -44,14 +46,17 @@ class Dueling(nn.Module):
         with torch.autocast(h.device.type, enabled=False):
             h = h.float()
             a = self.advantage(h)
+            if self.value is None:
+                return a
             return self.value(h) + a - a.mean(dim=1, keepdim=True)
 
 
-def build_dqn_network(spec: EnvSpec, hidden: int) -> Dueling:
-    """dqn's network: the dueling Q network on ``torsos.build_torso`` (a CNN for [C, H, W] uint8 images,
-    Atari's frame stacks and other image envs at their own size; else one hidden layer)."""
+def build_dqn_network(spec: EnvSpec, hidden: int, dueling: bool = True) -> Dueling:
+    """dqn's network: the dueling (or, ``dueling=False``, single-head) Q network on ``torsos.build_torso``
+    (a CNN for [C, H, W] uint8 images, Atari's frame stacks and other image envs at their own size; else
+    one hidden layer)."""
     torso, features = build_torso(spec, hidden)
-    return Dueling(torso, features, hidden, spec.num_actions)
+    return Dueling(torso, features, hidden, spec.num_actions, dueling)
 
 
 def int8_engine() -> str | None:
@@ -148,10 +153,12 @@ class ActingNetwork(nn.Module):
         self.dtype = dtype
         self.torso = copy.deepcopy(net.torso)
         self.folded = isinstance(self.torso, NatureTorso)
-        v0, a0 = net.value[0], net.advantage[0]
-        self.hidden = v0.out_features
-        self.head = nn.Linear(v0.in_features, v0.out_features + a0.out_features)
-        self.value_out = copy.deepcopy(net.value[2])
+        self.dueling = net.value is not None
+        a0 = net.advantage[0]
+        # The value head's units first, then the advantage's (none without a value head).
+        self.hidden = net.value[0].out_features if self.dueling else 0
+        self.head = nn.Linear(a0.in_features, self.hidden + a0.out_features)
+        self.value_out = copy.deepcopy(net.value[2]) if self.dueling else None
         self.advantage_out = copy.deepcopy(net.advantage[2])
         self.to(dtype)
         self.sync(net)
@@ -163,17 +170,23 @@ class ActingNetwork(nn.Module):
         self.torso.load_state_dict(net.torso.state_dict())
         if self.folded:
             self.torso.net[0].weight.mul_(self.torso.scale)
-        v0, a0 = net.value[0], net.advantage[0]
-        self.head.weight.copy_(torch.cat([v0.weight, a0.weight]))
-        self.head.bias.copy_(torch.cat([v0.bias, a0.bias]))
-        self.value_out.load_state_dict(net.value[2].state_dict())
+        firsts = ([net.value[0]] if self.dueling else []) + [net.advantage[0]]
+        self.head.weight.copy_(torch.cat([layer.weight for layer in firsts]))
+        self.head.bias.copy_(torch.cat([layer.bias for layer in firsts]))
+        if self.dueling:
+            self.value_out.load_state_dict(net.value[2].state_dict())
         self.advantage_out.load_state_dict(net.advantage[2].state_dict())
+
+    def q_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Q [B, A] from the fused first head layer's activations (value units, then advantage units)."""
+        a = self.advantage_out(h[:, self.hidden:])
+        if not self.dueling:
+            return a
+        return self.value_out(h[:, :self.hidden]) + a - a.mean(dim=1, keepdim=True)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         h = self.torso.net(obs.to(self.dtype)) if self.folded else self.torso(obs.to(self.dtype))
-        h = torch.relu(self.head(h))
-        a = self.advantage_out(h[:, self.hidden:])
-        return (self.value_out(h[:, :self.hidden]) + a - a.mean(dim=1, keepdim=True)).float()
+        return self.q_from_hidden(torch.relu(self.head(h))).float()
 
 
 class Int8ActingNetwork(nn.Module):
@@ -186,7 +199,7 @@ class Int8ActingNetwork(nn.Module):
     first (~40 ms, once per weights update), so the scales follow the network as it trains. Frames
     enter as a zero-copy quint8 view (scale 1; the 1/255 is folded into the first conv), or halved
     (scale 2) with 7-bit activations (``levels=127``, for CPUs without VNNI: see ``choose_acting``).
-    The two small output layers of the dueling heads run in float32. Returns float32 Q values.
+    The small output layers of the head(s) run in float32. Returns float32 Q values.
     ``agreement``: how often the greedy action matched float32's on the last calibration batch.
     """
 
@@ -210,7 +223,6 @@ class Int8ActingNetwork(nn.Module):
             self.convs = nn.ModuleList(nniq.ConvReLU2d(c.in_channels, c.out_channels, c.kernel_size,
                                                        c.stride) for c in self._float_convs)
             self.head = nniq.LinearReLU(self.ref.head.in_features, self.ref.head.out_features)
-        self.hidden = self.ref.hidden
         self.stale = True
         self.agreement = 1.0
 
@@ -233,11 +245,7 @@ class Int8ActingNetwork(nn.Module):
             self.head.set_weight_bias(_int8_per_channel(self.ref.head.weight), self.ref.head.bias)
             self.head.scale, self.head.zero_point = _relu_scale(h, self.levels), 0
             self.stale = False
-            self.agreement = greedy_agreement(self._int8_q(sample), self._dueling(h))
-
-    def _dueling(self, h: torch.Tensor) -> torch.Tensor:
-        a = self.ref.advantage_out(h[:, self.hidden:])
-        return self.ref.value_out(h[:, :self.hidden]) + a - a.mean(dim=1, keepdim=True)
+            self.agreement = greedy_agreement(self._int8_q(sample), self.ref.q_from_hidden(h))
 
     def _int8_q(self, obs: torch.Tensor) -> torch.Tensor:
         if self.levels == 255:
@@ -247,7 +255,7 @@ class Int8ActingNetwork(nn.Module):
             x = torch._make_per_tensor_quantized_tensor(torch.bitwise_right_shift(obs, 1).contiguous(), 2.0, 0)
         for conv in self.convs:
             x = conv(x)
-        return self._dueling(self.head(x.flatten(1)).dequantize())
+        return self.ref.q_from_hidden(self.head(x.flatten(1)).dequantize())
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if obs.dtype != torch.uint8:

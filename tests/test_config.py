@@ -462,3 +462,18 @@ def test_loopback_endpoints_and_port_base():
     assert eps["gradients"] == "tcp://127.0.0.1:7006"  # as 5557 is to 5551: base + 5 is the relay's
     cfg = C.parse(ReplayConfig, [], "replay_server")
     assert cfg.experience == C.endpoint(C.LOOPBACK, C.DEFAULT_PORTS["experience"])
+
+
+def test_dqn_single_head_is_a_network_option_and_the_default_says_nothing() -> None:
+    """--no-dueling reaches every role's network builder; the default adds no option, so checkpoints
+    written before the flag existed (options {}) still load."""
+    dueling = C.parse(LearnerConfig, ["--env", "CartPole-v1"], "learner")
+    assert C.net_options(dueling) == {}
+    single = C.parse(LearnerConfig, ["--env", "CartPole-v1", "--no-dueling"], "learner")
+    assert C.net_options(single) == {"dueling": False}
+    from apex_zmq.envs import env_spec
+    from apex_zmq.models import build_network
+    net = build_network(env_spec("CartPole-v1"), 32, "dqn", **C.net_options(single))
+    assert net.value is None and not any(k.startswith("value.") for k in net.state_dict())
+    with pytest.raises(ValueError, match="only the option 'dueling'"):
+        build_network(env_spec("CartPole-v1"), 32, "dqn", atoms=51)

@@ -24,6 +24,7 @@ from apex_zmq.networks import (
 
 ATARI = EnvSpec("ALE/Pong-v5", (4, 84, 84), "uint8", 6, True)
 VECTOR = EnvSpec("CartPole-v1", (4,), "float32", 2, False)
+MINATAR = EnvSpec("MinAtar/Breakout-v0", (4, 10, 10), "uint8", 6, False, pixel_max=1)
 
 
 def _obs(spec: EnvSpec, n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -32,17 +33,19 @@ def _obs(spec: EnvSpec, n: int, rng: np.random.Generator) -> torch.Tensor:
     return torch.as_tensor(rng.normal(size=(n, *spec.obs_shape)).astype(np.float32))
 
 
-@pytest.mark.parametrize("spec,hidden", [(ATARI, 512), (VECTOR, 64)])
-def test_acting_network_matches_and_follows_sync(spec: EnvSpec, hidden: int) -> None:
+@pytest.mark.parametrize("dueling", [True, False])
+@pytest.mark.parametrize("spec,hidden", [(ATARI, 512), (VECTOR, 64), (MINATAR, 128)])
+def test_acting_network_matches_and_follows_sync(spec: EnvSpec, hidden: int, dueling: bool) -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    net = build_network(spec, hidden).eval()
+    net = build_network(spec, hidden, dueling=dueling).eval()
+    assert (net.value is not None) == dueling  # one head: Q straight from the advantage stream's layers
     acting = ActingNetwork(net)
     x = _obs(spec, 8, rng)
     with torch.no_grad():
         torch.testing.assert_close(acting(x), net(x), rtol=1e-4, atol=1e-5)
         # New weights: stale until synced, equal after.
-        other = build_network(spec, hidden)
+        other = build_network(spec, hidden, dueling=dueling)
         names, arrays = state_arrays(other)
         load_arrays(net, names, arrays)
         assert not torch.allclose(acting(x), net(x))

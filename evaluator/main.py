@@ -18,6 +18,7 @@ from apex_zmq.checkpoint import save_atomic
 from apex_zmq.distributional import set_noise
 from apex_zmq.envs import env_spec
 from apex_zmq.logger import Logger
+from apex_zmq.memory import release_freed_memory
 from apex_zmq.models import build_network
 from apex_zmq.networks import load_arrays, weights_mismatch
 from apex_zmq.transport import Sockets, install_stop, recv_latest, run_role
@@ -138,6 +139,14 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
                 return
             halt.wait(cfg.eval_period)
 
+    def redraw(rows: list[dict]) -> bool:
+        try:
+            return write_learning_curves(cfg.run_dir, rows, cfg.env)
+        finally:
+            # Without it the evaluator's resident memory grew ~8%/h in the hour's soak (matplotlib's freed
+            # memory left fragmented in this thread's arena); with it, flat (BENCHMARKS.md, soak).
+            release_freed_memory()
+
     async def follow_evals() -> None:
         # The dashboard and the learning-curve files show eval.csv as it grows (with the rows of
         # earlier sessions of a resumed run), whatever the evaluation protocol writes into it.
@@ -148,7 +157,7 @@ async def main_async(cfg: C.EvaluatorConfig) -> None:
             if len(monitor.evals) > drawn and time.monotonic() - drawn_at >= CURVE_MIN_INTERVAL_S:
                 drawn, drawn_at = len(monitor.evals), time.monotonic()
                 try:
-                    png = await asyncio.to_thread(write_learning_curves, cfg.run_dir, list(monitor.evals), cfg.env)
+                    png = await asyncio.to_thread(redraw, list(monitor.evals))
                 except OSError as e:  # a full disk must not stop the evaluations
                     print(f"evaluator: cannot write the learning curve: {e}", flush=True)
                     png = True

@@ -39,7 +39,7 @@ from apex_zmq import config as C
 from apex_zmq.exploration import actor_epsilons, epsilon_ladder
 from apex_zmq.logger import Logger
 from apex_zmq.wire import Telemetry, encode
-from evaluator.dashboard.curves import curve_points, learning_curve_html, write_learning_curves
+from evaluator.dashboard.curves import CURVE_MAX_POINTS, curve_points, learning_curve_html, write_learning_curves
 from evaluator.dashboard.server import STATIC_DIR, Dashboard, load_static, route
 from evaluator.monitor import CsvFollower, CsvTail, RunMonitor, Series, thin
 
@@ -204,6 +204,21 @@ def test_learning_curve_files(tmp_path: Path) -> None:
     if png:
         assert (tmp_path / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert curve_points([])["mean"] == [] and "no evaluation yet" in learning_curve_html([], "x")
+
+
+def test_learning_curve_files_draw_a_bounded_number_of_points(tmp_path: Path) -> None:
+    """A long run's curve: at most CURVE_MAX_POINTS points (its memory does not grow with the run), the
+    first and the latest among them, and the page still counts every evaluation."""
+    n = 3 * CURVE_MAX_POINTS + 7
+    rows = [{"time": 100.0 + 20 * i, "learner_steps": 10.0 * i, "mean": float(i), "min": 0.0,
+             "max": 2.0 * i} for i in range(n)]
+    write_learning_curves(tmp_path, rows, "CartPole-v1")
+    page = (tmp_path / "learning_curve.html").read_text()
+    data = json.loads(re.search(r"id='curve-data'>(.*?)</script>", page).group(1))
+    assert len(data["mean"]) == CURVE_MAX_POINTS
+    assert data["mean"][0] == 0.0 and data["mean"][-1] == float(n - 1)
+    assert data["mean"] == sorted(data["mean"])  # spread in order over the run
+    assert f"{n - 1}.0 after {10 * (n - 1)} learner steps, {n} evaluations" in page
 
 
 def test_evaluator_flags() -> None:

@@ -341,7 +341,9 @@ def run_ours(env_id: str, algo: str, budget: float, episodes: int, extra: list[s
     res = {"curve": curve, "frames": frames, "frames_from": how,
            "learner_steps": int(steps[-1]) if steps else (curve[-1]["learner_steps"] if curve else 0),
            "eval_episodes": cfg.get("eval_episodes"), "eval_epsilon": cfg.get("eval_epsilon"),
-           "eval_period": cfg.get("eval_period"), "argv": argv[1:], "exit": proc.returncode}
+           "eval_period": cfg.get("eval_period"), "argv": argv[1:], "exit": proc.returncode,
+           # The head the run's network had (the preset's or a flag's): minatar_compare tells dqn's apart by it.
+           "dueling": cfg.get("dueling")}
     if early or not curve:
         tail = log.read_text(errors="replace")[-3000:]
         why = f"ended after {time.time() - t0:.0f} s (exit {proc.returncode})" if early else "no evaluation in time"

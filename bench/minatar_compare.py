@@ -9,12 +9,19 @@ not fit one sitting, so its invocations write one ``minatar.json`` each. This re
 - **a3c against Young & Tian's actor-critic at 1M frames** (Breakout 9.9, SpaceInvaders 51.7): a3c's
   last evaluation and the seconds to first reach the published level.
 - **dqn against Young & Tian's DQN** at 1M and 5M frames: dqn's last evaluation beside them.
+- **dqn against the anchor** (Stable-Baselines3's DQN set up as Young & Tian's, from any file of the game):
+  the seconds dqn took to first reach the anchor's final return, against the anchor's own. Target: at most
+  a third of the anchor's time.
+
+dqn runs with the dueling head (the MinAtar preset's before it took Young & Tian's single head; files
+without the record's ``dueling`` are from then) are shown apart as ``dqn-dueling`` and are not the dqn the
+others are judged against.
 
 Every figure is read from the JSON files' curves (evaluation mean at wall time ``t``); nothing is
 re-measured. Where one game and algorithm appears in several files, each counts as one run and the
 median run (by final return) is used, the number of runs shown. Last line::
 
-    minatar_compare rainbow_games_within_1.5x=<n>/<games measured> iqn_games_within_1.5x=<n>/<m> a3c_met=<n>/<m>
+    minatar_compare rainbow_games_within_1.5x=<n>/<games measured> iqn_games_within_1.5x=<n>/<m> a3c_met=<n>/<m> dqn_within_third_of_anchor=<n>/<m>
 
     .venv/bin/python bench/minatar_compare.py docs/minatar-*.json
 """
@@ -35,17 +42,27 @@ YT_AC_1M, YT_DQN_PUBLISHED = _bench.YT_AC_1M, _bench.YT_DQN_PUBLISHED
 final, fmt, seconds_to, short_name = _bench.final, _bench.fmt_s, _bench.seconds_to, _bench.short_name
 
 SLACK = 1.5  # rainbow / iqn may take up to this times dqn's time to dqn's return
+ANCHOR_SHARE = 1 / 3  # dqn may take up to this share of the anchor's time to the anchor's return
+
+
+def algo_label(algo: str, rec: dict) -> str:
+    """``dqn-dueling`` for a dqn run with the dueling head (a record without ``dueling``: one from before
+    the field, when every MinAtar dqn run had that head), else ``algo``."""
+    return "dqn-dueling" if algo == "dqn" and rec.get("dueling", True) else algo
 
 
 def load_runs(paths: list[Path]) -> dict[str, dict[str, list[dict]]]:
-    """game -> algo -> the runs (each ``bench/minatar.py``'s per-algorithm record) found in ``paths``."""
+    """game -> algo (``algo_label``) -> the runs (each ``bench/minatar.py``'s per-algorithm record) found in
+    ``paths``; the anchor's runs under "anchor"."""
     runs: dict[str, dict[str, list[dict]]] = {}
     for path in paths:
         doc = json.loads(path.read_text())
         for env_id, game in doc["games"].items():
-            for algo, rec in game["ours"].items():
+            records = [(algo_label(algo, rec), rec) for algo, rec in game["ours"].items()]
+            records += [("anchor", game["anchor"])] if game.get("anchor") else []
+            for label, rec in records:
                 if rec.get("curve"):
-                    runs.setdefault(short_name(env_id), {}).setdefault(algo, []).append(
+                    runs.setdefault(short_name(env_id), {}).setdefault(label, []).append(
                         {**rec, "source": str(path)})
     return runs
 
@@ -73,17 +90,38 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = ap.parse_args(argv)
     runs = load_runs(args.json)
     budget = args.budget
-    counts = {"rainbow": [0, 0], "iqn": [0, 0], "a3c": [0, 0]}
+    counts = {"rainbow": [0, 0], "iqn": [0, 0], "a3c": [0, 0], "dqn": [0, 0]}
 
     print("dqn against Young & Tian's DQN (training returns at epsilon 0.1):")
     for game, by_algo in sorted(runs.items()):
-        if "dqn" in by_algo:
-            d = median_run(by_algo["dqn"])
-            yt = YT_DQN_PUBLISHED.get(game, {})
-            f = final(d["curve"])
-            print(f"  {game:14s} dqn {f['mean']:6.2f} +- {f['se']:.2f} ({len(by_algo['dqn'])} run(s))   "
-                  f"Y&T 1M {yt.get('1M')}  5M {yt.get('5M')}  1M met: {f['mean'] >= (yt.get('1M') or 0)}  "
-                  f"5M met: {f['mean'] >= (yt.get('5M') or 0)}")
+        for algo in ("dqn", "dqn-dueling"):
+            if algo in by_algo:
+                d = median_run(by_algo[algo])
+                yt = YT_DQN_PUBLISHED.get(game, {})
+                f = final(d["curve"])
+                print(f"  {game:14s} {algo:11s} {f['mean']:6.2f} +- {f['se']:.2f} ({len(by_algo[algo])} run(s))   "
+                      f"Y&T 1M {yt.get('1M')}  5M {yt.get('5M')}  1M met: {f['mean'] >= (yt.get('1M') or 0)}  "
+                      f"5M met: {f['mean'] >= (yt.get('5M') or 0)}")
+
+    print(f"\ndqn against the anchor (seconds to the anchor's final return; target <= {ANCHOR_SHARE:.3g} of the "
+          f"anchor's):")
+    for game, by_algo in sorted(runs.items()):
+        if "anchor" not in by_algo:
+            continue
+        anchor = median_run(by_algo["anchor"])
+        target = final(anchor["curve"])["mean"]
+        anchor_s = seconds_to(anchor["curve"], target)
+        for algo in ("dqn", "dqn-dueling"):
+            if algo not in by_algo:
+                continue
+            ours_s = seconds_to(median_run(by_algo[algo])["curve"], target)
+            ratio = (budget if ours_s is None else ours_s) / anchor_s if anchor_s else float("nan")
+            met = ours_s is not None and ratio <= ANCHOR_SHARE
+            if algo == "dqn":
+                counts["dqn"][1] += 1
+                counts["dqn"][0] += met
+            print(f"  {game:14s} {algo:11s} anchor final {target:6.2f} reached at {fmt(anchor_s, budget)} s; "
+                  f"{algo} reached it at {fmt(ours_s, budget)} s (ratio {ratio:.2f})  met: {met}")
 
     print(f"\nrainbow and iqn against dqn (seconds to dqn's 15-minute return; target <= {SLACK}x dqn's):")
     for game, by_algo in sorted(runs.items()):
@@ -111,7 +149,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                   f"{fmt(reach, budget)} s  met: {met}")
 
     print("minatar_compare " + " ".join(
-        f"{k}_{'met' if k == 'a3c' else 'games_within_1.5x'}={v[0]}/{v[1]}" for k, v in counts.items()))
+        f"{k}_{ {'a3c': 'met', 'dqn': 'within_third_of_anchor'}.get(k, 'games_within_1.5x')}={v[0]}/{v[1]}"
+        for k, v in counts.items()))
 
 
 if __name__ == "__main__":

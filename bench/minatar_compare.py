@@ -43,6 +43,8 @@ final, fmt, seconds_to, short_name = _bench.final, _bench.fmt_s, _bench.seconds_
 
 SLACK = 1.5  # rainbow / iqn may take up to this times dqn's time to dqn's return
 ANCHOR_SHARE = 1 / 3  # dqn may take up to this share of the anchor's time to the anchor's return
+LAST_LINE_NAMES = {"rainbow": "games_within_1.5x", "iqn": "games_within_1.5x", "a3c": "met",
+                   "dqn": "within_third_of_anchor"}
 
 
 def algo_label(algo: str, rec: dict) -> str:
@@ -73,14 +75,15 @@ def median_run(runs: list[dict]) -> dict:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def against_dqn(dqn: dict, other: dict, budget: float) -> dict:
-    """dqn's final return and time to it; ``other``'s time to that return and the ratio (budget if never)."""
-    target = final(dqn["curve"])["mean"]
-    dqn_s = seconds_to(dqn["curve"], target)
+def against(reference: dict, other: dict, budget: float, slack: float = SLACK) -> dict:
+    """``reference``'s final return and its time to it; ``other``'s time to that return, the ratio (the
+    budget if never) and whether it is within ``slack`` times the reference's time."""
+    target = final(reference["curve"])["mean"]
+    ref_s = seconds_to(reference["curve"], target)
     other_s = seconds_to(other["curve"], target)
-    ratio = (budget if other_s is None else other_s) / dqn_s if dqn_s else float("nan")
-    return {"dqn_final": target, "dqn_s": dqn_s, "other_s": other_s, "ratio": ratio,
-            "other_final": final(other["curve"])["mean"], "met": other_s is not None and ratio <= SLACK}
+    ratio = (budget if other_s is None else other_s) / ref_s if ref_s else float("nan")
+    return {"ref_final": target, "ref_s": ref_s, "other_s": other_s, "ratio": ratio,
+            "other_final": final(other["curve"])["mean"], "met": other_s is not None and ratio <= slack}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -90,7 +93,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = ap.parse_args(argv)
     runs = load_runs(args.json)
     budget = args.budget
-    counts = {"rainbow": [0, 0], "iqn": [0, 0], "a3c": [0, 0], "dqn": [0, 0]}
+    counts = {"rainbow": [0, 0], "iqn": [0, 0], "a3c": [0, 0], "dqn": [0, 0]}  # [met, measured]
 
     print("dqn against Young & Tian's DQN (training returns at epsilon 0.1):")
     for game, by_algo in sorted(runs.items()):
@@ -109,29 +112,25 @@ def main(argv: Optional[list[str]] = None) -> None:
         if "anchor" not in by_algo:
             continue
         anchor = median_run(by_algo["anchor"])
-        target = final(anchor["curve"])["mean"]
-        anchor_s = seconds_to(anchor["curve"], target)
         for algo in ("dqn", "dqn-dueling"):
             if algo not in by_algo:
                 continue
-            ours_s = seconds_to(median_run(by_algo[algo])["curve"], target)
-            ratio = (budget if ours_s is None else ours_s) / anchor_s if anchor_s else float("nan")
-            met = ours_s is not None and ratio <= ANCHOR_SHARE
+            c = against(anchor, median_run(by_algo[algo]), budget, ANCHOR_SHARE)
             if algo == "dqn":
                 counts["dqn"][1] += 1
-                counts["dqn"][0] += met
-            print(f"  {game:14s} {algo:11s} anchor final {target:6.2f} reached at {fmt(anchor_s, budget)} s; "
-                  f"{algo} reached it at {fmt(ours_s, budget)} s (ratio {ratio:.2f})  met: {met}")
+                counts["dqn"][0] += c["met"]
+            print(f"  {game:14s} {algo:11s} anchor final {c['ref_final']:6.2f} reached at {fmt(c['ref_s'], budget)} s; "
+                  f"{algo} reached it at {fmt(c['other_s'], budget)} s (ratio {c['ratio']:.2f})  met: {c['met']}")
 
     print(f"\nrainbow and iqn against dqn (seconds to dqn's 15-minute return; target <= {SLACK}x dqn's):")
     for game, by_algo in sorted(runs.items()):
         for algo in ("rainbow", "iqn"):
             if algo not in by_algo or "dqn" not in by_algo:
                 continue
-            c = against_dqn(median_run(by_algo["dqn"]), median_run(by_algo[algo]), budget)
+            c = against(median_run(by_algo["dqn"]), median_run(by_algo[algo]), budget)
             counts[algo][1] += 1
             counts[algo][0] += c["met"]
-            print(f"  {game:14s} {algo:8s} dqn final {c['dqn_final']:6.2f} reached at {fmt(c['dqn_s'], budget)} s; "
+            print(f"  {game:14s} {algo:8s} dqn final {c['ref_final']:6.2f} reached at {fmt(c['ref_s'], budget)} s; "
                   f"{algo} reached it at {fmt(c['other_s'], budget)} s (ratio {c['ratio']:.2f}), "
                   f"its own final {c['other_final']:.2f}  met: {c['met']}")
 
@@ -148,9 +147,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                   f"({len(by_algo['a3c'])} run(s)); Y&T AC 1M {YT_AC_1M[game]:g}, first reached at "
                   f"{fmt(reach, budget)} s  met: {met}")
 
-    print("minatar_compare " + " ".join(
-        f"{k}_{ {'a3c': 'met', 'dqn': 'within_third_of_anchor'}.get(k, 'games_within_1.5x')}={v[0]}/{v[1]}"
-        for k, v in counts.items()))
+    print("minatar_compare " + " ".join(f"{k}_{LAST_LINE_NAMES[k]}={v[0]}/{v[1]}" for k, v in counts.items()))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def test_dqn_against_an_anchor_from_another_file_and_dueling_runs_apart(tmp_path
 def test_never_reaching_counts_the_budget_and_median_run_is_used(tmp_path: Path) -> None:
     mc = _load()
     dqn = {"curve": _curve([(100, 5.0), (900, 5.0)])}
-    c = mc.against_dqn(dqn, {"curve": _curve([(900, 4.9)])}, budget=900.0)
+    c = mc.against(dqn, {"curve": _curve([(900, 4.9)])}, budget=900.0)
     assert c["other_s"] is None and c["ratio"] == 9.0 and not c["met"]
     runs = [{"curve": _curve([(900, x)])} for x in (3.0, 1.0, 2.0)]
     assert mc.final(mc.median_run(runs)["curve"])["mean"] == 2.0
